@@ -1,0 +1,33 @@
+"""Shared test set-up: the repo root on sys.path (scripts are imported as modules) and the Fetch envs registered."""
+
+import os
+import sys
+import warnings
+
+import gymnasium as gym
+import gymnasium_robotics
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore", message=".*py3nj.*")
+gym.register_envs(gymnasium_robotics)
+
+TASKS = ("Reach", "Push", "PickAndPlace", "Slide")
+
+
+@pytest.fixture(scope="session")
+def eq():
+    """The equivariant script as a module."""
+    import sac_fetch_equivariant
+
+    return sac_fetch_equivariant
+
+
+@pytest.fixture(scope="session")
+def mlp():
+    """The MLP twin as a module."""
+    import sac_fetch_mlp
+
+    return sac_fetch_mlp
