@@ -1,0 +1,88 @@
+"""Bad input fails before training with one line naming the value and the allowed ones; a NaN loss stops the run,
+names the step and keeps what was written."""
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+BAD_ARGS = [
+    ({"env_id": "FetchFoo-v4"}, "unknown --env-id 'FetchFoo-v4'; supported: FetchReach-v4, FetchReachDense-v4"),
+    ({"env_id": "FetchPush-v1"}, "FetchPickAndPlaceDense-v4, FetchSlide-v4, FetchSlideDense-v4"),
+    ({"batch_size": 2000, "buffer_size": 1000}, "--batch-size must be in [1, --buffer-size=1000], got 2000"),
+    (
+        {"learning_starts": 500, "total_timesteps": 500},
+        "--learning-starts must be in [0, --total-timesteps=500), got 500",
+    ),
+    ({"eval_frequency": 0}, "--eval-frequency must be > 0, got 0"),
+    ({"eval_episodes": 0}, "--eval-episodes must be >= 1, got 0"),
+    ({"gamma": 1.0}, "--gamma must be in [0, 1), got 1.0"),
+    ({"tau": 0.0}, "--tau must be in (0, 1], got 0.0"),
+    ({"her_k": -1}, "--her-k must be >= 0, got -1"),
+    ({"num_envs": 0}, "--num-envs must be >= 1, got 0"),
+    ({"policy_frequency": 0}, "--policy-frequency must be >= 1, got 0"),
+    ({"q_lr": -1.0}, "learning rates must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD_ARGS)
+@pytest.mark.parametrize("script", ["eq", "mlp"])
+def test_bad_arguments_raise_one_line_naming_value_and_allowed(script, changes, message, request):
+    m = request.getfixturevalue(script)
+    with pytest.raises(ValueError) as err:
+        m.validate_args(dataclasses.replace(m.Args(), **changes))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("changes", "message"), [({"dihedral_n": 0}, "--dihedral-n must be >= 1, got 0"),
+                                                  ({"reg_rep_n": 0}, "--reg-rep-n must be >= 1, got 0")])  # fmt: skip
+def test_bad_group_arguments_are_rejected(eq, changes, message):
+    with pytest.raises(ValueError, match=message):
+        eq.validate_args(dataclasses.replace(eq.Args(), **changes))
+
+
+def test_bad_hidden_sizes_are_rejected(mlp):
+    with pytest.raises(ValueError, match=r"--hidden-sizes must be one or more widths >= 1, got \[256, 0\]"):
+        mlp.validate_args(dataclasses.replace(mlp.Args(), hidden_sizes=(256, 0)))
+
+
+def test_defaults_are_valid(eq, mlp):
+    eq.validate_args(eq.Args())
+    mlp.validate_args(mlp.Args())
+
+
+def run(script: str, args: list, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, os.path.join(ROOT, script), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("script", ["sac_fetch_equivariant.py", "sac_fetch_mlp.py"])
+def test_bad_env_id_exits_2_with_one_line_and_writes_nothing(script, tmp_path):
+    result = run(script, ["--env-id", "FetchReach-v9", "--run-dir", str(tmp_path / "runs")], tmp_path)
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: unknown --env-id 'FetchReach-v9'; supported: FetchReach-v4,")
+    assert result.stdout == "" and not (tmp_path / "runs").exists()
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_run_folder(tmp_path):
+    """alpha = 1e39 overflows float32 to inf, so the first critic loss is not finite."""
+    args = ["--env-id", "FetchReachDense-v4", "--total-timesteps", "400", "--learning-starts", "100",
+            "--eval-frequency", "50", "--eval-episodes", "1", "--batch-size", "16", "--buffer-size", "1000",
+            "--hidden-sizes", "16", "--alpha", "1e39", "--run-dir", str(tmp_path / "runs")]  # fmt: skip
+    result = run("sac_fetch_mlp.py", args, tmp_path)
+    assert result.returncode == 1
+    expected = r"^error: non-finite loss: qf_loss is (nan|inf) at global_step 101; run folder kept"
+    assert re.search(expected, result.stderr, re.MULTILINE)
+    (run_path,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert {"config.json", "evals.jsonl"} <= set(os.listdir(run_path))
+    with open(os.path.join(run_path, "evals.jsonl")) as f:
+        assert [json.loads(line)["global_step"] for line in f] == [50, 100]  # evaluations before the NaN are kept
+    assert not os.path.exists(os.path.join(run_path, "final_eval.json"))
