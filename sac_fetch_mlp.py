@@ -7,6 +7,7 @@ Its twin `sac_fetch_equivariant.py` (D_N-equivariant networks) differs only in t
 imports escnn.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -464,6 +465,22 @@ def validate_args(args: Args) -> None:
     validate_network_args(args)
 
 
+def check_rendering(env_id: str) -> None:
+    """Raise ValueError if --capture-video cannot work: no moviepy, or no OpenGL context (headless: MUJOCO_GL=egl)."""
+    if importlib.util.find_spec("moviepy") is None:
+        raise ValueError("--capture-video needs moviepy: pip install moviepy")
+    env = gym.make(env_id, render_mode="rgb_array")
+    try:
+        env.reset(seed=0)
+        env.render()
+    except Exception as err:  # MuJoCo raises several types when no OpenGL context can be made
+        raise ValueError(
+            f"--capture-video cannot render ({type(err).__name__}: {err}); headless: MUJOCO_GL=egl"
+        ) from err
+    finally:
+        env.close()
+
+
 def check_finite(name: str, value: torch.Tensor, global_step: int) -> None:
     """Raise FloatingPointError naming the loss and step if `value` is NaN or inf."""
     if not torch.isfinite(value).all():
@@ -642,6 +659,8 @@ def main(args: Args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     try:
+        if args.capture_video:
+            check_rendering(args.env_id)
         run_path = make_run_dir(args, run_name)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -80,3 +80,22 @@ def test_saved_model_evaluates_deterministically(script, tmp_path, request):
     final = json.loads(result.stdout.splitlines()[-1])
     again = m.evaluate_checkpoint(model, eval_episodes=2, seed=3 + 1_000_000)
     assert again["eval/return"] == pytest.approx(final["eval/return"], rel=1e-5)
+
+
+def test_capture_video_saves_one_video_per_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    args = smoke_args("Reach", "mlp", tmp_path / "runs") + ["--capture-video"]
+    result = run_script("mlp", args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 2  # stdout keeps only the JSON lines
+    videos = glob.glob(str(tmp_path / "runs" / "*" / "videos" / "*.mp4"))
+    assert len(videos) == 2 and all(os.path.getsize(v) > 1000 for v in videos)
+
+
+def test_capture_video_without_a_renderer_fails_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "glfw")  # no display here: GLFW cannot make a context
+    monkeypatch.delenv("DISPLAY", raising=False)
+    result = run_script("mlp", smoke_args("Reach", "mlp", tmp_path / "runs") + ["--capture-video"], tmp_path)
+    assert result.returncode == 2
+    assert "error: --capture-video cannot render" in result.stderr and "MUJOCO_GL=egl" in result.stderr
+    assert not (tmp_path / "runs").exists()
