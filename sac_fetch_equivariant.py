@@ -510,6 +510,8 @@ def validate_args(args: Args) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--track needs Weights and Biases: pip install wandb")
     validate_network_args(args)
 
 

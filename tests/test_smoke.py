@@ -99,3 +99,17 @@ def test_capture_video_without_a_renderer_fails_before_writing(tmp_path, monkeyp
     assert result.returncode == 2
     assert "error: --capture-video cannot render" in result.stderr and "MUJOCO_GL=egl" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_async_vector_env_with_several_envs_counts_transitions_not_reset_steps(tmp_path):
+    """4 async envs: episodes end together every 50 transitions per env, and the autoreset steps are not counted."""
+    args = smoke_args("Push", "mlp", tmp_path / "runs") + ["--num-envs", "4", "--vector-env-mode", "async"]
+    args[args.index("--total-timesteps") + 1] = "400"
+    args[args.index("--eval-frequency") + 1] = "200"
+    result = run_script("mlp", args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["global_step"] for r in records] == [200, 400]
+    (run_path,) = glob.glob(str(tmp_path / "runs" / "*"))
+    lengths = EventAccumulator(run_path).Reload().Scalars("charts/episodic_length")
+    assert [e.value for e in lengths] == [50.0] * 8 and sorted({e.step for e in lengths}) == [200, 400]
