@@ -1,0 +1,436 @@
+"""Specification of tuner.py: Optuna sweeps of a training script through subprocesses.
+
+Everything runs for real: tuner workers are subprocesses, trials run `tests/fake_train.py` (or `sac_fetch_mlp.py`),
+studies live in a journal file under tmp_path or on the PostgreSQL server that `.ci/start-postgres.sh` starts.
+PostgreSQL tests skip when no server is reachable, and fail instead when CI=true.
+"""
+
+import json
+import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import tuner  # noqa: E402
+
+TUNER = str(ROOT / "tuner.py")
+FAKE = str(ROOT / "tests" / "fake_train.py")
+LR = "lr=loguniform:1e-5,1e-2"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+def tuner_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "OPTUNA_STORAGE_URL"}
+    return {**env, **extra}
+
+
+def start_tuner(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, TUNER, *args],
+        cwd=cwd,
+        env=env or tuner_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_tuner(cwd: Path, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, TUNER, *args], cwd=cwd, env=env or tuner_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def journal_study(cwd: Path, name: str) -> optuna.Study:
+    storage = JournalStorage(JournalFileBackend(str(cwd / tuner.DEFAULT_JOURNAL)))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (dead, not yet reaped by its new parent) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def pid_records(pid_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(pid_dir.glob("*.json"))]
+
+
+def postgres_url() -> str:
+    """The CI server's URL; skips the test without one, and fails it instead when CI=true."""
+    url = os.environ.get("TUNER_TEST_POSTGRES_URL")
+    reason = None
+    if not url:
+        reason = 'TUNER_TEST_POSTGRES_URL is not set; `eval "$(bash .ci/start-postgres.sh)"` starts a server'
+    else:
+        try:
+            with sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool).connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT 1"))
+        except sqlalchemy.exc.OperationalError as exc:
+            reason = f"no PostgreSQL server at {tuner.mask_url(url)}: {tuner.first_line(exc, url)}"
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return url
+
+
+# ---- search spaces --------------------------------------------------------------------------------------------
+def test_equivariant_preset_is_the_shared_dims_plus_two_equivariant_only_dims():
+    mlp, eq = tuner.PRESETS["sac_fetch_mlp"], tuner.PRESETS["sac_fetch_equivariant"]
+    assert {name: eq[name] for name in mlp} == mlp
+    assert set(eq) - set(mlp) == {"dihedral_n", "reg_rep_n"}
+    space = tuner.build_space("sac_fetch_equivariant", [], "sac_fetch_equivariant.py")
+    assert space["policy_lr"] == FloatDistribution(1e-4, 1e-3, log=True)
+    assert space["q_lr"] == FloatDistribution(1e-4, 2e-3, log=True)
+    assert space["gamma"] == FloatDistribution(0.95, 0.999)
+    assert space["tau"] == FloatDistribution(1e-3, 2e-2, log=True)
+    assert space["batch_size"] == CategoricalDistribution([128, 256, 512])
+    assert space["dihedral_n"] == CategoricalDistribution([4, 8, 16])
+    assert space["reg_rep_n"] == CategoricalDistribution([32, 64, 128])
+
+
+def test_script_named_like_a_preset_gets_that_preset_by_default():
+    assert set(tuner.build_space(None, [], "path/to/sac_fetch_mlp.py")) == set(tuner.PRESETS["sac_fetch_mlp"])
+    with pytest.raises(tuner.UsageError, match="nothing to tune"):
+        tuner.build_space(None, [], "other_script.py")
+
+
+def test_param_specs_parse_into_optuna_distributions_and_bad_ones_name_the_allowed_forms():
+    assert tuner.parse_distribution("a", "uniform:0.9,0.99") == FloatDistribution(0.9, 0.99)
+    assert tuner.parse_distribution("a", "int:1,4") == IntDistribution(1, 4)
+    assert tuner.parse_distribution("a", "choice:relu,tanh").choices == ("relu", "tanh")
+    assert tuner.param_argv({"hidden_sizes": "256 256", "tau": 0.005}) == [
+        "--hidden-sizes",
+        "256",
+        "256",
+        "--tau",
+        "0.005",
+    ]
+    for bad in ["normal:0,1", "uniform:1", "loguniform:0,1", "int:1.5,3", "choice:"]:
+        with pytest.raises(tuner.UsageError, match="param a: bad spec"):
+            tuner.parse_distribution("a", bad)
+
+
+def test_space_file_is_toml_and_param_flags_override_it(tmp_path):
+    path = tmp_path / "space.toml"
+    path.write_text('[params]\nlr = "loguniform:1e-5,1e-2"\nwidth = "choice:32,64"\n')
+    space = tuner.build_space(str(path), ["width=int:16,128"], "fake_train.py")
+    assert space == {"lr": FloatDistribution(1e-5, 1e-2, log=True), "width": IntDistribution(16, 128)}
+    path.write_text('lr = "loguniform:1e-5,1e-2"\n')
+    with pytest.raises(tuner.UsageError, match=r"allowed: a single \[params\] table"):
+        tuner.build_space(str(path), [], "fake_train.py")
+    with pytest.raises(tuner.UsageError, match="neither a preset"):
+        tuner.build_space("no_such_preset", [], "fake_train.py")
+
+
+# ---- storage ----------------------------------------------------------------------------------------------------
+def test_storage_comes_from_the_flag_then_the_environment_then_the_embedded_journal():
+    env = {"OPTUNA_STORAGE_URL": "postgresql://u:p@localhost/db"}
+    assert tuner.resolve_storage("sqlite:///a.db", env) == "sqlite:///a.db"
+    assert tuner.resolve_storage(None, env) == "postgresql+psycopg://u:p@localhost/db"
+    assert tuner.resolve_storage(None, {}) == "runs/optuna_journal.log"
+    with pytest.raises(tuner.UsageError, match="allowed: postgresql"):
+        tuner.check_storage("mysql://u:p@localhost/db")
+
+
+def test_masked_url_and_redacted_text_hide_the_password_in_every_encoding():
+    password = "p@ss word/" + secrets.token_hex(4)
+    url = sqlalchemy.engine.URL.create(
+        "postgresql+psycopg", username="tuner", password=password, host="127.0.0.1", database="db"
+    ).render_as_string(hide_password=False)
+    assert tuner.mask_url(url) == "postgresql+psycopg://tuner:***@127.0.0.1/db"
+    text = (
+        f"raw {password} quoted {urllib.parse.quote(password, safe='')} plus {urllib.parse.quote_plus(password)} {url}"
+    )
+    assert "p@ss" not in tuner.redact(text, url) and "p%40ss" not in tuner.redact(text, url)
+
+
+# ---- local workers on the embedded journal ------------------------------------------------------------------------
+def test_four_local_workers_on_the_embedded_journal_stop_at_exactly_the_global_cap(tmp_path):
+    (tmp_path / "pids").mkdir()
+    args = ["--script", FAKE, "--study-name", "cap", "--n-trials", "12", "--param", LR, "--pruner", "none"]
+    args += ["--", "--n-evals", "3", "--eval-sleep", "0.05", "--pid-dir", str(tmp_path / "pids")]
+    workers = [start_tuner(tmp_path, *args) for _ in range(4)]
+    outputs = [w.communicate(timeout=180) for w in workers]
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err
+        assert "lock" not in (out + err).lower() and "Traceback" not in err, err
+    trials = journal_study(tmp_path, "cap").get_trials()
+    assert len(trials) == 12
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 12
+    exp_names = {Path(p).stem for p in os.listdir(tmp_path / "pids")}
+    assert exp_names == {f"cap-t{n}-s1" for n in range(12)}
+
+
+def test_a_trial_with_a_bad_metric_is_pruned_and_its_process_tree_is_gone(tmp_path):
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    (tmp_path / tuner.DEFAULT_JOURNAL).parent.mkdir()
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / tuner.DEFAULT_JOURNAL)))
+    study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
+    for _ in range(5):  # the median pruner's startup trials: success 0.9 at every evaluation
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": 1e-3},
+                distributions={"lr": FloatDistribution(1e-5, 1e-2, log=True)},
+                value=0.9,
+                intermediate_values={step: 0.9 for step in range(300)},
+            )
+        )
+    start = time.monotonic()
+    result = run_tuner(
+        tmp_path, "--script", FAKE, "--study-name", "prune", "--n-trials", "6", "--param", LR, "--pruner", "median",
+        "--", "--bad-metric", "--n-evals", "300", "--eval-sleep", "0.1", "--spawn-grandchild",
+        "--pid-dir", str(pid_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - start < 20, "the 30 s run should have been killed at eval 1"
+    trial = journal_study(tmp_path, "prune").trials[5]
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs["pruned_at_eval"] == 1  # eval 0 is never pruned (warm-up)
+    assert "trial 5 pruned at eval 1" in result.stdout
+    (record,) = pid_records(pid_dir)
+    assert not alive(record["pid"]) and not alive(record["grandchild_pid"])
+
+
+def test_a_crashing_script_fails_its_trial_with_the_stderr_tail_and_the_next_trial_runs(tmp_path):
+    result = run_tuner(
+        tmp_path, "--script", FAKE, "--study-name", "crash", "--n-trials", "2", "--param", LR,
+        "--", "--crash-once", str(tmp_path / "crashed"), "--n-evals", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    failed, completed = journal_study(tmp_path, "crash").trials
+    assert (failed.state, completed.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert failed.user_attrs["failure"] == "seed 1 exited 1"
+    tail = failed.user_attrs["stderr_tail"]
+    assert tail.splitlines()[0] == "fake_train: importing the simulator"
+    assert tail.rstrip().endswith("ModuleNotFoundError: No module named 'missing_simulator_module'")
+    assert "No module named 'missing_simulator_module'" in result.stderr
+    assert completed.value > 0
+
+
+def test_a_run_that_never_prints_the_metric_fails_its_trial(tmp_path):
+    result = run_tuner(
+        tmp_path, "--script", FAKE, "--study-name", "silent", "--n-trials", "1", "--param", LR, "--", "--no-metric"
+    )
+    assert result.returncode == 1  # nothing completed
+    (trial,) = journal_study(tmp_path, "silent").trials
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["failure"] == "seed 1 exited 0 without printing 'eval/success_rate'"
+    assert "fake_train: seed 1 eval 5" in trial.user_attrs["stderr_tail"]
+
+
+def test_seeds_run_concurrently_and_the_objective_is_their_mean_of_the_last_k_evaluations(tmp_path):
+    result = run_tuner(
+        tmp_path, "--script", FAKE, "--study-name", "seeds", "--n-trials", "1", "--param", LR,
+        "--seeds", "1", "2", "3", "--last-k", "2", "--", "--n-evals", "4", "--eval-sleep", "0.3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (trial,) = journal_study(tmp_path, "seeds").trials
+    lr = trial.params["lr"]
+    closeness = max(0.0, 1.0 - abs(math.log10(lr) + 3.0) / 2.0)
+    per_seed = {s: closeness * (0.9 + 0.02 * s) * (3 / 4 + 4 / 4) / 2 for s in (1, 2, 3)}
+    assert trial.user_attrs["seed_values"] == pytest.approx({str(s): v for s, v in per_seed.items()}, abs=1e-5)
+    assert trial.value == pytest.approx(sum(per_seed.values()) / 3, abs=1e-5)
+    assert sorted(trial.intermediate_values) == [0, 1, 2, 3]  # steps are eval_idx, one report per evaluation
+    assert "for seed in 1 2 3; do python" in result.stdout
+
+
+def test_unknown_param_is_an_error_before_any_trial_and_writes_nothing(tmp_path):
+    result = run_tuner(tmp_path, "--script", FAKE, "--study-name", "typo", "--param", "lr_rate=uniform:0,1")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: param 'lr_rate': ")
+    assert "has no flag --lr-rate; its params: " in result.stderr and ", lr, " in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / tuner.DEFAULT_JOURNAL).exists()
+
+
+def test_a_worker_with_other_settings_cannot_join_a_study(tmp_path):
+    first = run_tuner(tmp_path, "--script", FAKE, "--study-name", "same", "--n-trials", "1", "--param", LR)
+    assert first.returncode == 0, first.stderr
+    second = run_tuner(
+        tmp_path, "--script", FAKE, "--study-name", "same", "--n-trials", "2", "--param", "lr=uniform:1e-5,1e-2"
+    )
+    assert second.returncode == 2
+    assert "was created with space={'lr': 'loguniform:1e-05,0.01'}" in second.stderr
+    assert len(journal_study(tmp_path, "same").trials) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_stops_the_worker_quickly_and_its_trial_is_failed_then_queued_again(tmp_path, signum):
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    worker = start_tuner(
+        tmp_path, "--script", FAKE, "--study-name", "sig", "--n-trials", "3", "--param", LR,
+        "--", "--n-evals", "100", "--eval-sleep", "0.1", "--spawn-grandchild", "--pid-dir", str(pid_dir),
+    )  # fmt: skip
+    wait_until(lambda: len(pid_records(pid_dir)) == 1, 30, "the first run to start")
+    time.sleep(0.5)
+    sent = time.monotonic()
+    worker.send_signal(signum)
+    out, err = worker.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert worker.returncode == 128 + signum, err
+    (record,) = pid_records(pid_dir)
+    assert not alive(record["pid"]) and not alive(record["grandchild_pid"])
+    interrupted, queued = journal_study(tmp_path, "sig").trials
+    assert interrupted.state == TrialState.FAIL
+    assert queued.state == TrialState.WAITING and queued.params == interrupted.params
+    assert queued.system_attrs["failed_trial"] == interrupted.number
+
+
+# ---- PostgreSQL -----------------------------------------------------------------------------------------------
+def test_postgres_trial_of_a_killed_worker_is_retried_by_another_and_every_trial_ends_final(tmp_path):
+    url = postgres_url()
+    name = f"killed-{uuid.uuid4().hex[:8]}"
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    args = ["--script", FAKE, "--study-name", name, "--n-trials", "8", "--param", LR, "--pruner", "none"]
+    args += ["--heartbeat-interval", "2"]
+    args += ["--", "--n-evals", "10", "--eval-sleep", "0.3", "--pid-dir", str(pid_dir)]
+    env = tuner_env(OPTUNA_STORAGE_URL=url)
+    workers = [start_tuner(tmp_path, *args, env=env) for _ in range(4)]
+    victim = workers[0]
+    wait_until(lambda: any(r["ppid"] == victim.pid for r in pid_records(pid_dir)), 60, "the victim's first run")
+    (orphan,) = [r for r in pid_records(pid_dir) if r["ppid"] == victim.pid]
+    time.sleep(0.5)
+    victim.kill()
+    victim.wait()
+    outputs = [w.communicate(timeout=180) for w in workers[1:]]
+    for worker, (_, err) in zip(workers[1:], outputs, strict=True):
+        assert worker.returncode == 0, err
+    wait_until(lambda: not alive(orphan["pid"]), 10, "the killed worker's run to die on its closed pipe")
+
+    killed_number = int(orphan["argv"][orphan["argv"].index("--exp-name") + 1].split("-t")[1].split("-")[0])
+    trials = optuna.load_study(study_name=name, storage=url).get_trials()
+    assert all(t.state in FINISHED for t in trials), [t.state for t in trials]
+    assert trials[killed_number].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed_number]
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[killed_number].params
+    assert 8 <= len(trials) <= 9  # the retry is a new trial, within the cap if admitted before it was reached
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == len(trials) - 1
+
+
+def test_postgres_worker_paused_past_the_grace_period_goes_on_after_its_trial_is_retried(tmp_path):
+    url = postgres_url()
+    name = f"paused-{uuid.uuid4().hex[:8]}"
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    args = ["--script", FAKE, "--study-name", name, "--n-trials", "2", "--param", LR, "--pruner", "none"]
+    args += ["--heartbeat-interval", "1", "--", "--n-evals", "15", "--eval-sleep", "0.2", "--pid-dir", str(pid_dir)]
+    env = tuner_env(OPTUNA_STORAGE_URL=url)
+    paused = start_tuner(tmp_path, *args, env=env)
+    wait_until(lambda: len(pid_records(pid_dir)) == 1, 60, "trial 0 to start")
+    paused.send_signal(signal.SIGSTOP)  # no heartbeats from now on: trial 0 goes stale after 3 s
+    other = start_tuner(tmp_path, *args, env=env)
+    argv_0 = pid_records(pid_dir)[0]["argv"]
+    lr_0 = argv_0[argv_0.index("--lr") + 1]
+    wait_until(
+        lambda: [r["argv"][r["argv"].index("--lr") + 1] for r in pid_records(pid_dir)].count(lr_0) == 2,
+        60,
+        "the other worker to run trial 0 again",
+    )
+    paused.send_signal(signal.SIGCONT)
+    (out, err), (_, other_err) = paused.communicate(timeout=60), other.communicate(timeout=60)
+    assert (paused.returncode, other.returncode) == (0, 0), err + other_err
+    assert "tuner: trial 0 went stale (late heartbeats) and was queued again" in out
+    trials = optuna.load_study(study_name=name, storage=url).get_trials()
+    assert trials[0].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("retry_history") == [0]]
+    assert retry.params == trials[0].params
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * (len(trials) - 1)
+
+
+def test_password_in_the_storage_url_appears_in_no_output_attribute_or_run(tmp_path):
+    url = postgres_url()
+    password = sqlalchemy.engine.make_url(url).password
+    name = f"secret-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "pids").mkdir()
+    # TUNER_TEST_POSTGRES_URL stays in the environment: the tuner must keep it away from the runs.
+    result = run_tuner(
+        tmp_path, "--storage", url, "--script", FAKE, "--study-name", name, "--n-trials", "2", "--param", LR,
+        "--heartbeat-interval", "2", "--", "--crash-once", str(tmp_path / "crashed"), "--n-evals", "2",
+        "--pid-dir", str(tmp_path / "pids"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert password not in result.stdout + result.stderr
+    assert tuner.mask_url(url) in result.stdout and ":***@" in result.stdout
+    study = optuna.load_study(study_name=name, storage=url)
+    stored = json.dumps([study.user_attrs] + [[t.user_attrs, t.system_attrs, t.params] for t in study.trials])
+    assert "stderr_tail" in stored and password not in stored
+    runs = pid_records(tmp_path / "pids")
+    assert len(runs) == 1 and password not in json.dumps(runs)  # the crashed run wrote no record
+    assert "OPTUNA_STORAGE_URL" not in runs[0]["env"] and "TUNER_TEST_POSTGRES_URL" not in runs[0]["env"]
+
+
+def test_password_of_an_unreachable_server_appears_in_no_error_message(tmp_path):
+    password = secrets.token_hex(12)
+    url = f"postgresql+psycopg://tuner:{password}@127.0.0.1:9/nowhere"  # port 9: nothing listens, refused at once
+    result = run_tuner(
+        tmp_path,
+        "--script",
+        FAKE,
+        "--study-name",
+        "x",
+        "--param",
+        LR,
+        "--connect-retries",
+        "2",
+        env=tuner_env(OPTUNA_STORAGE_URL=url),
+    )
+    assert result.returncode == 1
+    assert password not in result.stdout + result.stderr
+    assert "postgresql+psycopg://tuner:***@127.0.0.1:9/nowhere" in result.stderr
+    assert "retry 1 in" in result.stdout
+
+
+# ---- a real training script ---------------------------------------------------------------------------------------
+def test_sweep_of_the_real_mlp_script_completes_and_prints_a_rerun_command(tmp_path):
+    script = ROOT / "sac_fetch_mlp.py"
+    if not script.exists():
+        pytest.skip("sac_fetch_mlp.py is not in the repository yet")
+    fixed = ["--env-id", "FetchReachDense-v4", "--total-timesteps", "600", "--learning-starts", "200"]
+    fixed += ["--eval-frequency", "300", "--eval-episodes", "2", "--buffer-size", "2000", "--no-cuda"]
+    result = run_tuner(
+        tmp_path, "--script", str(script), "--study-name", "mlp", "--n-trials", "2", "--metric", "eval/return",
+        "--", *fixed, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    trials = journal_study(tmp_path, "mlp").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert set(trials[0].params) == set(tuner.PRESETS["sac_fetch_mlp"])
+    assert all(sorted(t.intermediate_values) == [0, 1] and t.value < 0 for t in trials)
+    run_dirs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert [d.split("__")[1] for d in run_dirs] == ["mlp-t0-s1", "mlp-t1-s1"]
+    assert "tuner: rerun: python " in result.stdout and " --policy-lr " in result.stdout

@@ -1,0 +1,848 @@
+# docs and recipes: docs/tuning.md
+"""Optuna sweeps of any training script through subprocesses.
+
+Each trial runs `python <script> <fixed args> <sampled args> --seed S --exp-name <study>-t<trial>-s<S>` once per
+seed, the seeds concurrently, every run in its own process group. The JSON evaluation lines the runs print on
+stdout are followed live: the mean over seeds at evaluation `eval_idx` is reported as step `eval_idx`, and a
+pruned trial has its process groups killed. The objective is the mean over seeds of each seed's last `--last-k`
+evaluations of `--metric` (k=1: the final evaluation).
+
+Workers are independent processes sharing one study through the storage: the embedded journal file by default
+(several local workers), PostgreSQL across a cluster (heartbeats retry the trials of killed workers).
+
+    python tuner.py --script sac_fetch_mlp.py --study-name fetch_reach_mlp --n-trials 16 \
+        -- --env-id FetchReachDense-v4 --total-timesteps 20000
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import queue
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import optuna
+import sqlalchemy
+import tyro
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from optuna.trial import TrialState
+
+DEFAULT_JOURNAL = "runs/optuna_journal.log"
+STORAGE_ENV = "OPTUNA_STORAGE_URL"
+STDERR_TAIL_LINES = 50
+KILL_GRACE_S = 5.0
+MAX_RETRY = 3  # times a trial of a killed or interrupted worker is queued again
+HELP_TIMEOUT_S = 300.0
+
+
+@dataclasses.dataclass
+class Args:
+    script: str
+    """training script to sweep, e.g. `sac_fetch_mlp.py`; arguments after `--` are passed to every run"""
+    study_name: str
+    """Optuna study; workers with the same name and storage share it"""
+    n_trials: int = 20
+    """global cap: the study admits no new trial once it holds this many, counting every worker's trials"""
+    storage: str | None = None
+    """`postgresql+psycopg://...`, `sqlite:///...` or a journal file path; default: $OPTUNA_STORAGE_URL, else
+    `runs/optuna_journal.log`. Prefer the environment variable for URLs with a password."""
+    space: str | None = None
+    """search space: a preset name or a TOML file; default: the preset named after the script, if any"""
+    param: tyro.conf.UseAppendAction[list[str]] = dataclasses.field(default_factory=list)
+    """one more dimension NAME=DIST:ARGS, overriding the space's (DIST: uniform, loguniform, int, choice)"""
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [1])
+    """seeds run concurrently in every trial; the objective is their mean"""
+    metric: str = "eval/success_rate"
+    """key of the JSON evaluation lines to optimise"""
+    direction: Literal["maximize", "minimize"] = "maximize"
+    """optimisation direction of the metric"""
+    last_k: int = 1
+    """per seed, the objective averages the last K evaluations (1: the final evaluation)"""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    """prune on the live evaluations: median (5 startup trials, eval 0 never pruned), hyperband, none"""
+    heartbeat_interval: int = 60
+    """RDB storages: seconds between heartbeats; a trial silent for 3 intervals is failed and retried"""
+    connect_retries: int = 8
+    """attempts to reach the storage, with exponential backoff, before giving up"""
+
+
+# ---- Errors and signals -------------------------------------------------------------------------------------
+class UsageError(ValueError):
+    """A bad command line, space or study setting, reported before any trial starts."""
+
+
+class ScriptFailed(Exception):
+    """A run of the script exited nonzero or never printed the metric; its trial is FAIL, the worker goes on."""
+
+
+class Interrupted(Exception):
+    """The tuner got SIGTERM, SIGINT or SIGUSR1 while a trial was running."""
+
+    def __init__(self, signum: int, trial_number: int):
+        super().__init__(f"{signal.Signals(signum).name} during trial {trial_number}")
+        self.signum = signum
+        self.trial_number = trial_number
+
+
+class Interrupt:
+    """Signal handler state: the first SIGTERM, SIGINT or SIGUSR1 received, and the runs to terminate."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.runs: SeedRuns | None = None
+
+    def handle(self, signum: int, frame) -> None:
+        """Records the signal and sends SIGTERM to the running trial's process groups; storage work is never cut."""
+        self.signum = self.signum or signum
+        if self.runs is not None:
+            self.runs.signal_all(signal.SIGTERM)
+
+    def install(self) -> None:
+        """Makes `handle` the handler of SIGTERM, SIGINT and SIGUSR1."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, self.handle)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleeps `seconds`, returning early once a signal has arrived."""
+        deadline = time.monotonic() + seconds
+        while not self.signum and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+# ---- Search spaces -------------------------------------------------------------------------------------------
+# Fair comparison: the equivariant preset is the shared dimensions plus its own, so the dimensions both scripts
+# tune cannot drift apart.
+SAC_FETCH_SHARED = {
+    "policy_lr": "loguniform:1e-4,1e-3",
+    "q_lr": "loguniform:1e-4,2e-3",
+    "gamma": "uniform:0.95,0.999",
+    "tau": "loguniform:1e-3,2e-2",
+    "batch_size": "choice:128,256,512",
+}
+SAC_FETCH_EQUIVARIANT_ONLY = {
+    "dihedral_n": "choice:4,8,16",
+    "reg_rep_n": "choice:32,64,128",
+}
+PRESETS = {
+    "sac_fetch_mlp": SAC_FETCH_SHARED,
+    "sac_fetch_equivariant": {**SAC_FETCH_SHARED, **SAC_FETCH_EQUIVARIANT_ONLY},
+}
+
+
+def parse_distribution(name: str, spec: str) -> BaseDistribution:
+    """Parses `DIST:ARGS` into an Optuna distribution.
+
+    uniform:LOW,HIGH  loguniform:LOW,HIGH  int:LOW,HIGH  choice:A,B,C (ints, floats or strings; a string with
+    spaces becomes several argument tokens, e.g. `choice:256 256,400 300`).
+    Raises UsageError naming the param, the bad spec and the allowed forms.
+    """
+    kind, _, body = spec.partition(":")
+    values = [v.strip() for v in body.split(",")] if body.strip() else []
+    try:
+        if kind in ("uniform", "loguniform") and len(values) == 2:
+            return FloatDistribution(float(values[0]), float(values[1]), log=kind == "loguniform")
+        if kind == "int" and len(values) == 2:
+            return IntDistribution(int(values[0]), int(values[1]))
+        if kind == "choice" and values:
+            return CategoricalDistribution([_literal(v) for v in values])
+    except ValueError as exc:
+        raise UsageError(f"param {name}: bad spec {spec!r} ({exc})") from None
+    raise UsageError(
+        f"param {name}: bad spec {spec!r}; allowed: uniform:LOW,HIGH, loguniform:LOW,HIGH, int:LOW,HIGH, choice:A,B,..."
+    )
+
+
+def spec_of(dist: BaseDistribution) -> str:
+    """The canonical `DIST:ARGS` text of a distribution parsed by parse_distribution."""
+    if isinstance(dist, FloatDistribution):
+        return f"{'loguniform' if dist.log else 'uniform'}:{dist.low!r},{dist.high!r}"
+    if isinstance(dist, IntDistribution):
+        return f"int:{dist.low},{dist.high}"
+    return "choice:" + ",".join(map(str, dist.choices))
+
+
+def _literal(text: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_space_file(path: str) -> dict[str, str]:
+    """Reads a TOML space file: a `[params]` table of `name = "DIST:ARGS"` strings.
+
+    Raises UsageError when the file is not TOML, has other top-level keys or a value is not a string.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"space file {path}: not TOML ({exc})") from None
+    if set(data) != {"params"} or not isinstance(data["params"], dict):
+        raise UsageError(f"space file {path}: top-level keys {sorted(data)}; allowed: a single [params] table")
+    for name, spec in data["params"].items():
+        if not isinstance(spec, str):
+            raise UsageError(f'space file {path}: {name} = {spec!r}; allowed: a string like "loguniform:1e-4,1e-3"')
+    return dict(data["params"])
+
+
+def build_space(space: str | None, params: list[str], script: str) -> dict[str, BaseDistribution]:
+    """Merges a preset or TOML file (`space`; default: the preset named after the script) with `--param` flags.
+
+    Raises UsageError for an unknown preset or missing file, a malformed param, or an empty space.
+    """
+    if space is None and Path(script).stem in PRESETS:
+        space = Path(script).stem
+    specs: dict[str, str] = {}
+    if space in PRESETS:
+        specs.update(PRESETS[space])
+    elif space is not None:
+        if not os.path.isfile(space):
+            raise UsageError(f"--space {space!r}: neither a preset ({', '.join(PRESETS)}) nor a file")
+        specs.update(load_space_file(space))
+    for item in params:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise UsageError(f"--param {item!r}: expected NAME=DIST:ARGS, e.g. policy_lr=loguniform:1e-4,1e-3")
+        specs[name] = spec
+    if not specs:
+        raise UsageError(f"nothing to tune: pass --space ({', '.join(PRESETS)} or a TOML file) or --param")
+    for name in specs:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+            raise UsageError(f"param {name!r}: allowed names are snake_case Args fields, e.g. policy_lr")
+    return {name: parse_distribution(name, spec) for name, spec in specs.items()}
+
+
+def suggest(trial: optuna.Trial, space: dict[str, BaseDistribution]) -> dict:
+    """Samples every dimension of `space` through the trial's suggest API; returns {name: value}."""
+    for name, dist in space.items():
+        if isinstance(dist, FloatDistribution):
+            trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+        elif isinstance(dist, IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, log=dist.log)
+        else:
+            trial.suggest_categorical(name, dist.choices)
+    return {name: trial.params[name] for name in space}
+
+
+def flag_of(name: str) -> str:
+    """Maps an Args field name to its tyro flag: `policy_lr` -> `--policy-lr`."""
+    return "--" + name.replace("_", "-")
+
+
+def param_argv(params: dict) -> list[str]:
+    """Turns {name: value} into script arguments; string values split on whitespace (lists like `256 256`)."""
+    argv = []
+    for name, value in params.items():
+        argv += [flag_of(name), *(value.split() if isinstance(value, str) else [str(value)])]
+    return argv
+
+
+# ---- Checks before any trial ----------------------------------------------------------------------------------
+def script_flags(script: str, env: dict[str, str]) -> set[str]:
+    """Runs `python <script> --help` and returns the flags it lists, e.g. {"--seed", "--policy-lr"}.
+
+    Raises UsageError if the script is missing or `--help` fails (an import error shows here, before any trial).
+    """
+    if not os.path.isfile(script):
+        raise UsageError(f"--script {script!r}: no such file")
+    try:
+        proc = subprocess.run(
+            [sys.executable, script, "--help"],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=HELP_TIMEOUT_S,
+            env={**env, "COLUMNS": "200"},
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"`{script} --help` did not finish in {HELP_TIMEOUT_S:.0f} s") from None
+    if proc.returncode != 0:
+        tail = "".join(proc.stderr.splitlines(keepends=True)[-STDERR_TAIL_LINES:])
+        raise UsageError(f"`{script} --help` exited {proc.returncode}; its stderr ends with:\n{tail}")
+    return set(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", proc.stdout))
+
+
+def check_arguments(script: str, space: dict, fixed_args: list[str], flags: set[str]) -> None:
+    """Checks that every tuned param is a flag of the script and that no fixed argument sets a tuner-owned flag.
+
+    Raises UsageError naming the bad param or argument and the allowed flags.
+    """
+    for owned in ("--seed", "--exp-name"):
+        if owned not in flags:
+            raise UsageError(f"{script} has no {owned} flag; the tuner sets --seed and --exp-name of every run")
+    for name in space:
+        if flag_of(name) not in flags:
+            known = ", ".join(sorted(f[2:].replace("-", "_") for f in flags if f not in ("--help",)))
+            raise UsageError(f"param {name!r}: {script} has no flag {flag_of(name)}; its params: {known}")
+    owned_flags = {"--seed", "--exp-name", *(flag_of(name) for name in space)}
+    for arg in fixed_args:
+        if arg.split("=", 1)[0] in owned_flags:
+            raise UsageError(
+                f"fixed argument {arg!r} is set by the tuner; tuned and tuner-owned: {sorted(owned_flags)}"
+            )
+
+
+def study_config(args: Args, fixed_args: list[str], space: dict[str, BaseDistribution]) -> dict:
+    """What every worker of a study must agree on; stored as the study's user attr `tuner_config`."""
+    return {
+        "script": os.path.basename(args.script),
+        "fixed_args": list(fixed_args),
+        "space": {name: spec_of(dist) for name, dist in space.items()},
+        "seeds": list(args.seeds),
+        "metric": args.metric,
+        "direction": args.direction,
+        "last_k": args.last_k,
+    }
+
+
+# ---- Storage --------------------------------------------------------------------------------------------------
+def resolve_storage(cli_value: str | None, environ: dict[str, str]) -> str:
+    """Returns `--storage`, else $OPTUNA_STORAGE_URL, else the embedded journal file `runs/optuna_journal.log`."""
+    url = cli_value or environ.get(STORAGE_ENV) or DEFAULT_JOURNAL
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, the driver this project installs
+    return url
+
+
+def _is_url(storage: str) -> bool:
+    return "://" in storage
+
+
+def _secrets(storage: str) -> list[str]:
+    if not _is_url(storage):
+        return []
+    url = sqlalchemy.engine.make_url(storage)
+    found = [url.password, url.query.get("password")]
+    found = [s for s in found if isinstance(s, str) and s]
+    encoded = [urllib.parse.quote(s, safe="") for s in found] + [urllib.parse.quote_plus(s) for s in found]
+    for secret in found:  # as SQLAlchemy writes it inside a URL
+        rendered = sqlalchemy.engine.URL.create("x", username="u", password=secret, host="h")
+        encoded.append(rendered.render_as_string(hide_password=False)[len("x://u:") : -len("@h")])
+    return sorted(set(found + encoded), key=len, reverse=True)
+
+
+def redact(text: str, storage: str) -> str:
+    """Replaces the storage password (raw or URL-encoded) in `text` with ***."""
+    for secret in _secrets(storage):
+        text = text.replace(secret, "***")
+    return text
+
+
+def mask_url(storage: str) -> str:
+    """The storage URL with its password shown as ***; a journal path unchanged."""
+    if not _is_url(storage):
+        return storage
+    return redact(sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True), storage)
+
+
+def check_storage(storage: str) -> None:
+    """Raises UsageError unless `storage` is a PostgreSQL or SQLite URL or a journal file path."""
+    if _is_url(storage) and not storage.startswith(("postgresql+psycopg://", "sqlite:///")):
+        scheme = storage.split("://", 1)[0]
+        raise UsageError(f"storage scheme {scheme!r}; allowed: postgresql+psycopg://, sqlite:///, a journal file path")
+
+
+def _engine_kwargs(storage: str) -> dict:
+    # NullPool: a worker holds a connection only while it talks to the server, so 64 workers plus their
+    # heartbeat threads stay far below max_connections, and no pooled connection goes stale between trials.
+    kwargs: dict = {"poolclass": sqlalchemy.pool.NullPool}
+    if storage.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    return kwargs
+
+
+def open_storage(storage: str, heartbeat_interval: int) -> optuna.storages.BaseStorage:
+    """Opens the journal file (creating its folder) or the RDB; RDB storages get heartbeats and retries."""
+    if not _is_url(storage):
+        os.makedirs(os.path.dirname(os.path.abspath(storage)), exist_ok=True)
+        return JournalStorage(JournalFileBackend(storage))
+    return RDBStorage(
+        storage,
+        engine_kwargs=_engine_kwargs(storage),
+        heartbeat_interval=heartbeat_interval,
+        grace_period=3 * heartbeat_interval,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+    )
+
+
+class StudyLock:
+    """A lock shared by all workers of a storage, held for milliseconds around study creation and each ask.
+
+    File storages use Optuna's JournalFileSymlinkLock on `<file>.tuner.lock`; PostgreSQL uses a session-level
+    advisory lock, which the server releases when the holder's connection dies.
+    """
+
+    def __init__(self, storage: str, key: str):
+        self._storage = storage
+        self._key = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+        self._engine = None
+        self._held = None
+
+    def acquire(self) -> None:
+        """Blocks until the lock is held (a no-op if this object holds it already)."""
+        if self._held is not None:
+            return
+        if not self._storage.startswith("postgresql"):
+            path = self._storage.removeprefix("sqlite:///")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            lock = JournalFileSymlinkLock(path + ".tuner")
+            lock.acquire()
+            self._held = lock
+            return
+        if self._engine is None:
+            self._engine = sqlalchemy.create_engine(self._storage, **_engine_kwargs(self._storage))
+        conn = self._engine.connect()
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+        conn.commit()
+        self._held = conn
+
+    def release(self) -> None:
+        """Releases the lock if held; safe to call twice."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.close() if isinstance(held, sqlalchemy.Connection) else held.release()
+
+
+def with_retries(call, attempts: int, storage: str, interrupt: Interrupt):
+    """Calls `call()`, retrying transient connection errors with jittered exponential backoff (1 s .. 30 s).
+
+    Raises the last sqlalchemy OperationalError when `attempts` are spent or a signal arrived.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except sqlalchemy.exc.OperationalError as exc:
+            if attempt == attempts or interrupt.signum:
+                raise
+            delay = min(2.0 ** (attempt - 1), 30.0) * random.uniform(0.5, 1.5)
+            print(f"tuner: storage unreachable ({first_line(exc, storage)}); retry {attempt} in {delay:.1f} s")
+            interrupt.sleep(delay)
+
+
+def first_line(exc: Exception, storage: str) -> str:
+    """The first line of a (database) error message, password redacted."""
+    text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
+    return redact(text, storage).splitlines()[0]
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """median: MedianPruner(5 startup trials, eval 0 never pruned); hyperband; none. Steps are eval_idx."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(args: Args, storage: str, config: dict, interrupt: Interrupt) -> optuna.Study:
+    """Creates or loads the study under the storage-wide lock (64 workers may start at once), then checks that
+    the study was created with the same `config`. Raises UsageError on a mismatch, naming the differing keys."""
+    lock = StudyLock(storage, "tuner.py:create")
+
+    def attempt() -> optuna.Study:
+        lock.acquire()
+        try:
+            study = optuna.create_study(
+                storage=open_storage(storage, args.heartbeat_interval),
+                study_name=args.study_name,
+                direction=args.direction,
+                sampler=optuna.samplers.TPESampler(multivariate=True, constant_liar=True),
+                pruner=make_pruner(args.pruner),
+                load_if_exists=True,
+            )
+            existing = study.user_attrs.get("tuner_config")
+            if existing is None:
+                study.set_user_attr("tuner_config", config)
+            elif existing != config:
+                key = next(k for k in config if existing.get(k) != config[k])
+                raise UsageError(
+                    f"study {args.study_name!r} was created with {key}={existing.get(key)!r}; this worker has "
+                    f"{config[key]!r} (every worker of a study needs the same script, arguments, space and seeds)"
+                )
+            return study
+        finally:
+            lock.release()
+
+    return with_retries(attempt, args.connect_retries, storage, interrupt)
+
+
+# ---- One trial: the seeds as subprocesses ---------------------------------------------------------------------
+class SeedRuns:
+    """The runs of one trial, one per seed, each started in its own process group (its own session).
+
+    Reader threads put `(seed_idx, record)` on `events` for every JSON object printed on stdout, then
+    `(seed_idx, None)` at end of stream; the last STDERR_TAIL_LINES lines of each stderr are kept.
+    """
+
+    def __init__(self, commands: list[list[str]], env: dict[str, str]):
+        self.events: queue.Queue = queue.Queue()
+        self.tails = [collections.deque(maxlen=STDERR_TAIL_LINES) for _ in commands]
+        self.procs = []
+        self.failed_idx: int | None = None  # the first run seen exiting nonzero
+        self._threads = []
+        for idx, cmd in enumerate(commands):
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+                env=env,
+                start_new_session=True,
+            )
+            self.procs.append(proc)
+            for target in (self._read_stdout, self._read_stderr):
+                thread = threading.Thread(target=target, args=(idx, proc), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _read_stdout(self, idx: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # stdout should carry only JSON lines; anything else is ignored
+            if isinstance(record, dict):
+                self.events.put((idx, record))
+        self.events.put((idx, None))
+
+    def _read_stderr(self, idx: int, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            self.tails[idx].append(line[:1000])
+
+    def signal_all(self, signum: int) -> None:
+        """Sends `signum` to every run's process group that may still exist."""
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def stop(self) -> None:
+        """SIGTERM to every group, SIGKILL after KILL_GRACE_S, then SIGKILL again for any straggler in the groups
+        (e.g. a vector-env worker) once the leaders are reaped; joins the reader threads."""
+        if any(proc.poll() is None for proc in self.procs):
+            self.signal_all(signal.SIGTERM)
+            deadline = time.monotonic() + KILL_GRACE_S
+            for proc in self.procs:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        self.signal_all(signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+
+
+def child_env(storage: str) -> dict[str, str]:
+    """The runs' environment: ours, unbuffered, minus $OPTUNA_STORAGE_URL and any variable holding the password."""
+    secrets = _secrets(storage)
+    env = {k: v for k, v in os.environ.items() if k != STORAGE_ENV and not any(s in v for s in secrets)}
+    env["PYTHONUNBUFFERED"] = "1"  # evaluation lines arrive as they are printed
+    return env
+
+
+class Objective:
+    """Runs one trial: samples the space, starts one run per seed, reports and prunes live, returns the mean."""
+
+    def __init__(self, args: Args, fixed_args: list[str], space: dict, gate: Gate, interrupt: Interrupt, env: dict):
+        self.args, self.fixed_args, self.space = args, fixed_args, space
+        self.gate, self.interrupt, self.env = gate, interrupt, env
+        self.number: int | None = None  # the running (or last) trial
+
+    def commands(self, number: int, params: dict) -> list[list[str]]:
+        """One command per seed; `--exp-name` is unique per trial and seed."""
+        base = [sys.executable, self.args.script, *self.fixed_args, *param_argv(params)]
+        return [
+            base + ["--seed", str(seed), "--exp-name", f"{self.args.study_name}-t{number}-s{seed}"]
+            for seed in self.args.seeds
+        ]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.gate.release()  # the trial exists: other workers may ask now
+        self.number = trial.number
+        params = suggest(trial, self.space)
+        if self.interrupt.signum:
+            raise Interrupted(self.interrupt.signum, trial.number)
+        print(f"tuner: trial {trial.number} started: {_fmt(params)} seeds {self.args.seeds}")
+        runs = SeedRuns(self.commands(trial.number, params), self.env)
+        self.interrupt.runs = runs
+        try:
+            values = self.follow(trial, runs)
+        finally:
+            self.interrupt.runs = None
+            runs.stop()
+        if self.interrupt.signum:  # the runs died of our SIGTERM: not the script's failure
+            raise Interrupted(self.interrupt.signum, trial.number)
+        self.check_runs(trial, runs, values)
+        per_seed = [sum(v[-self.args.last_k :]) / len(v[-self.args.last_k :]) for v in values]
+        trial.set_user_attr("seed_values", dict(zip(map(str, self.args.seeds), per_seed, strict=True)))
+        return sum(per_seed) / len(per_seed)
+
+    def follow(self, trial: optuna.Trial, runs: SeedRuns) -> list[list[float]]:
+        """Collects each seed's metric values in order; reports the mean over seeds of eval `eval_idx` as step
+        `eval_idx` once every seed has printed it. Raises TrialPruned; returns early if a run fails or a signal came."""
+        values: list[list[float]] = [[] for _ in runs.procs]
+        pending: dict[int, dict[int, float]] = collections.defaultdict(dict)
+        open_streams = len(runs.procs)
+        while open_streams:
+            if self.interrupt.signum:
+                break  # the caller raises Interrupted after stopping the runs
+            try:
+                idx, record = runs.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if record is None:
+                open_streams -= 1
+                if runs.procs[idx].wait() != 0:
+                    runs.failed_idx = idx
+                    break  # a failed seed fails the trial: stop the others now
+                continue
+            if not isinstance(record.get(self.args.metric), (int, float)):
+                continue
+            values[idx].append(float(record[self.args.metric]))
+            step = record.get("eval_idx")
+            step = step if isinstance(step, int) else len(values[idx]) - 1
+            pending[step][idx] = values[idx][-1]
+            if len(pending[step]) == len(runs.procs):
+                self.report(trial, step, sum(pending.pop(step).values()) / len(runs.procs))
+        return values
+
+    def report(self, trial: optuna.Trial, step: int, value: float) -> None:
+        """Reports `value` at `step`; raises TrialPruned (the caller kills the runs) if the pruner says so."""
+        trial.report(value, step=step)
+        print(f"tuner: trial {trial.number} eval {step}: {self.args.metric}={value:.4g}")
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at_eval", step)
+            print(f"tuner: trial {trial.number} pruned at eval {step}")
+            raise optuna.TrialPruned(f"pruned at eval {step}")
+
+    def check_runs(self, trial: optuna.Trial, runs: SeedRuns, values: list[list[float]]) -> None:
+        """Raises ScriptFailed, keeping the stderr tail as user attr `stderr_tail`, if a run exited nonzero or
+        never printed the metric."""
+        order = sorted(range(len(runs.procs)), key=lambda i: i != runs.failed_idx)
+        for i in order:
+            seed, proc, seed_values, tail = self.args.seeds[i], runs.procs[i], values[i], runs.tails[i]
+            if proc.returncode != 0:
+                reason = f"seed {seed} exited {proc.returncode}"
+            elif not seed_values:
+                reason = f"seed {seed} exited 0 without printing {self.args.metric!r}"
+            else:
+                continue
+            text = redact("".join(tail), self.args.storage)
+            trial.set_user_attr("failure", reason)
+            trial.set_user_attr("stderr_tail", text)
+            print(f"tuner: trial {trial.number} FAILED: {reason}; last lines of its stderr:\n{text}", file=sys.stderr)
+            raise ScriptFailed(reason)
+
+
+def _fmt(params: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+# ---- Worker loop ----------------------------------------------------------------------------------------------
+class Gate:
+    """Admits a new trial only while the study holds fewer than `cap` trials, counting all workers' trials.
+
+    Optuna's MaxTrialsCallback counts after a trial ends, so k workers overshoot its cap by up to k-1. Here the
+    count and the `study.ask()` that follows run under one StudyLock: `admit` returns holding the lock and the
+    objective releases it once its trial exists. Queued (WAITING) retries are always admitted. With heartbeats,
+    a worker with nothing left to start waits while other trials run, so a trial whose worker dies is retried.
+    """
+
+    def __init__(self, lock: StudyLock, cap: int, interrupt: Interrupt, heartbeat_s: float | None):
+        self.lock, self.cap, self.interrupt, self.heartbeat_s = lock, cap, interrupt, heartbeat_s
+
+    def admit(self, study: optuna.Study) -> bool:
+        """True: the lock is held and the next ask may create or pop a trial. False: the lock is released."""
+        self.lock.acquire()
+        while not self.interrupt.signum:
+            fail_stale_trials(study)  # heartbeat storages: fail and requeue trials of dead workers
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            if len(states) < self.cap or TrialState.WAITING in states:
+                return True
+            if self.heartbeat_s is None or TrialState.RUNNING not in states:
+                break
+            self.lock.release()
+            self.interrupt.sleep(self.heartbeat_s)
+            self.lock.acquire()
+        self.lock.release()
+        return False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not self.admit(study):
+            study.stop()
+
+    def release(self) -> None:
+        """Releases the lock if held."""
+        self.lock.release()
+
+
+def run_worker(study: optuna.Study, objective: Objective, gate: Gate, args: Args) -> None:
+    """Runs trials until the gate admits no more; transient storage errors restart the loop with backoff.
+
+    Raises Interrupted when a signal stopped a running trial (the trial is FAIL by then).
+    """
+
+    def loop() -> None:
+        try:
+            while gate.admit(study):
+                try:
+                    study.optimize(objective, callbacks=[gate], catch=(ScriptFailed,))
+                    return
+                except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                    if not retried_elsewhere(study, objective.number):
+                        raise
+                    print(f"tuner: trial {objective.number} went stale (late heartbeats) and was queued again")
+        finally:
+            gate.release()
+
+    with_retries(loop, args.connect_retries, args.storage, gate.interrupt)
+
+
+def retried_elsewhere(study: optuna.Study, number: int | None) -> bool:
+    """True if trial `number` was failed as stale by another worker and queued again: its own report or tell
+    then fails with UpdateFinishedTrialError or "Cannot tell a FAIL trial"."""
+    trials = study.get_trials(deepcopy=False)
+    return number is not None and any(number in t.system_attrs.get("retry_history", []) for t in trials)
+
+
+def requeue(study: optuna.Study, number: int) -> None:
+    """Queues a WAITING copy of trial `number` (same params) with Optuna's retry callback, up to MAX_RETRY times."""
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, frozen)
+
+
+# ---- Summary --------------------------------------------------------------------------------------------------
+def rerun_command(script: str, fixed_args: list[str], params: dict, seeds: list[int], exp_name: str) -> str:
+    """A shell command rerunning `params` for every seed."""
+    base = shlex.join(["python", script, *fixed_args, *param_argv(params)])
+    if len(seeds) == 1:
+        return f"{base} --seed {seeds[0]} --exp-name {shlex.quote(exp_name)}"
+    return f'for seed in {" ".join(map(str, seeds))}; do {base} --seed "$seed" --exp-name {shlex.quote(exp_name)}; done'
+
+
+def print_summary(study: optuna.Study, args: Args, fixed_args: list[str]) -> int:
+    """Prints the state counts, the best value, its params and a rerun command; returns 1 if nothing completed."""
+    counts = collections.Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    print(f"tuner: study {args.study_name!r}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    if not counts.get("COMPLETE"):
+        print("tuner: no trial completed", file=sys.stderr)
+        return 1
+    best = study.best_trial
+    print(f"tuner: best trial {best.number}: {args.metric}={best.value:.6g} ({args.direction})")
+    print(f"tuner: best params: {json.dumps(best.params)}")
+    print(f"tuner: rerun: {rerun_command(args.script, fixed_args, best.params, args.seeds, args.study_name + '-best')}")
+    return 0
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Splits the command line at the first `--`: tuner arguments, fixed script arguments."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def prepare(args: Args, fixed_args: list[str], interrupt: Interrupt) -> tuple[optuna.Study, Objective, Gate]:
+    """Everything before the first trial: validates the arguments and the space, checks the script's flags,
+    opens the study. Raises UsageError, or OperationalError if the storage stays unreachable."""
+    check_storage(args.storage)
+    counts = {"n-trials": args.n_trials, "last-k": args.last_k}
+    counts |= {"heartbeat-interval": args.heartbeat_interval, "connect-retries": args.connect_retries}
+    for flag, value in counts.items():
+        if value < 1:
+            raise UsageError(f"--{flag} {value}; allowed: an integer >= 1")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--seeds {args.seeds}; allowed: one or more distinct integers")
+    space = build_space(args.space, args.param, args.script)
+    env = child_env(args.storage)
+    check_arguments(args.script, space, fixed_args, script_flags(args.script, env))
+    print(f"tuner: storage {mask_url(args.storage)}, study {args.study_name!r}")
+    print("tuner: space " + " ".join(f"{name}={spec_of(dist)}" for name, dist in space.items()))
+    study = open_study(args, args.storage, study_config(args, fixed_args, space), interrupt)
+    lock = StudyLock(args.storage, f"tuner.py:{args.study_name}")
+    gate = Gate(lock, args.n_trials, interrupt, args.heartbeat_interval if _is_url(args.storage) else None)
+    return study, Objective(args, fixed_args, space, gate, interrupt, env), gate
+
+
+def main(argv: list[str]) -> int:
+    """One tuner worker. Exit codes: 0 done, 1 nothing completed or storage unreachable, 2 usage error,
+    128+N stopped by signal N."""
+    tuner_argv, fixed_args = split_argv(argv)
+    args = tyro.cli(Args, args=tuner_argv)
+    args.storage = resolve_storage(args.storage, os.environ)
+    interrupt = Interrupt()
+    interrupt.install()
+    try:
+        study, objective, gate = prepare(args, fixed_args, interrupt)
+        run_worker(study, objective, gate, args)
+    except UsageError as exc:
+        print(f"error: {redact(str(exc), args.storage)}", file=sys.stderr)
+        return 2
+    except sqlalchemy.exc.OperationalError as exc:
+        print(f"error: storage {mask_url(args.storage)}: {first_line(exc, args.storage)}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        requeue(study, exc.trial_number)
+        print(f"tuner: {exc}; the trial is FAIL and queued again", file=sys.stderr)
+    if interrupt.signum:
+        return 128 + interrupt.signum
+    return print_summary(study, args, fixed_args)
+
+
+def configure_logging() -> None:
+    """Optuna logs warnings only, without the tracebacks of the failures our own lines explain."""
+
+    def drop_known_traceback(record: logging.LogRecord) -> bool:
+        known = (ScriptFailed, Interrupted, optuna.exceptions.UpdateFinishedTrialError)
+        if record.exc_info and isinstance(record.exc_info[1], known):
+            record.exc_info = None
+        return True
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.disable_default_handler()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(levelname)s %(asctime)s] %(message)s"))
+    handler.addFilter(drop_known_traceback)
+    logging.getLogger("optuna").addHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file (e.g. Slurm's) as they happen
+    configure_logging()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sys.exit(main(sys.argv[1:]))
