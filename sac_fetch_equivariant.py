@@ -690,8 +690,9 @@ def build_agent(obs_fields, args: Args, device):
     nets["qf1_target"].load_state_dict(nets["qf1"].state_dict())
     nets["qf2_target"].load_state_dict(nets["qf2"].state_dict())
     q_params = list(nets["qf1"].parameters()) + list(nets["qf2"].parameters())
-    # plain (for-loop) Adam: fused/foreach variants import torch._dynamo, seconds of start-up for < 5% speed
-    opts = {"q": optim.Adam(q_params, lr=args.q_lr), "actor": optim.Adam(nets["actor"].parameters(), lr=args.policy_lr)}
+    # fused Adam: about 1 ms less per update on CPU than the for-loop default; importing it costs about 1.5 s once
+    opts = {"q": optim.Adam(q_params, lr=args.q_lr, fused=True),
+            "actor": optim.Adam(nets["actor"].parameters(), lr=args.policy_lr, fused=True)}  # fmt: skip
     alpha_state = {"alpha": args.alpha, "target_entropy": -4.0}  # -dim(A)
     if args.autotune:
         alpha_state["log_alpha"] = torch.tensor(math.log(max(args.alpha, 1e-8)), requires_grad=True, device=device)
