@@ -204,8 +204,7 @@ class FetchBaseFrame(gym.ObservationWrapper):
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
-        unwrapped = env.unwrapped
-        self._base_body = unwrapped._model_names.body_name2id["robot0:base_link"]
+        self._base_body = env.unwrapped.model.body("robot0:base_link").id
         fields = REACH_FIELDS if env.observation_space["observation"].shape == (10,) else OBJECT_FIELDS
         self.fields = fields + GOAL_FIELDS
         box = lambda n: gym.spaces.Box(-np.inf, np.inf, (n,), np.float64)  # noqa: E731

@@ -4,7 +4,7 @@ Runs the script as a subprocess with one torch thread, then divides the global s
 `losses/qf1_loss` TensorBoard points (all after learning_starts, so every step includes its update) by the wall time
 between them. Prints one JSON line with the SPS and the parameter counts from config.json.
 
-Usage: python benchmarks/sps.py sac_fetch_mlp.py [--steps 4000] [-- extra script args]
+Usage: python benchmarks/sps.py sac_fetch_mlp.py [--env-id ID] [--steps 4000] [-- more script args]
 """
 
 import argparse
@@ -21,8 +21,10 @@ parser = argparse.ArgumentParser()
 parser.add_argument("script")
 parser.add_argument("--env-id", default="FetchReachDense-v4")
 parser.add_argument("--steps", type=int, default=4000, help="total env steps; updates start after 1000")
-parser.add_argument("extra", nargs="*", help="more script arguments (after --)")
-cli = parser.parse_args()
+argv = sys.argv[1:]
+extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+cli = parser.parse_args(argv[: len(argv) - len(extra) - (1 if extra else 0)])
+cli.extra = extra
 
 with tempfile.TemporaryDirectory() as run_dir:
     cmd = [sys.executable, cli.script, "--env-id", cli.env_id, "--total-timesteps", str(cli.steps),

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Final evaluation of both twins at 20,000 env steps on FetchReachDense-v4, seeds 1-3, defaults otherwise.
+# Two runs at a time (one torch thread each); about 25 minutes on 2 cores. Prints each run's final evaluation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-runs/bench_reach_20k}"
+export OMP_NUM_THREADS=1
+for seed in 1 2 3; do
+  for script in sac_fetch_mlp sac_fetch_equivariant; do
+    python "$script.py" --env-id FetchReachDense-v4 --total-timesteps 20000 --eval-frequency 2000 \
+      --seed "$seed" --run-dir "$out" > /dev/null &
+  done
+  wait
+done
+python - "$out" <<'PY'
+import glob, json, sys
+for path in sorted(glob.glob(f"{sys.argv[1]}/*/final_eval.json")):
+    r = json.load(open(path))
+    print(f'{r["args"]["exp_name"]:24s} seed {r["args"]["seed"]}: success {r["eval/success_rate"]:.2f} return {r["eval/return"]:.2f}')
+PY
