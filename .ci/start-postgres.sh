@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts a throw-away PostgreSQL server for the tuner tests and prints one line for the caller to eval:
 #   eval "$(bash .ci/start-postgres.sh)"
-#   -> export TUNER_TEST_POSTGRES_URL=postgresql+psycopg://tuner:<random>@127.0.0.1:<port>/tuner_test
+#   -> export TUNER_TEST_POSTGRES_URL=... (postgresql+psycopg, role "tuner" with a password made at run time, 127.0.0.1)
 # Uses Debian's postgresql package (installed if missing), a private data directory and no systemd.
 # The server listens on 127.0.0.1 only. Each run sets a new random password for the test role, so
 # re-running it while the server is up works and invalidates the previous URL.
