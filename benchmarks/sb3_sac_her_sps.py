@@ -1,7 +1,7 @@
 """Reference: Stable-Baselines3 SAC + HER steady-state SPS on FetchReachDense-v4 at the settings of the SPS target
 (256x256, batch 256, one gradient step per env step, 1 torch thread). Not a project dependency:
 
-    pip install --target /tmp/sb3site stable-baselines3 --no-deps
+    pip install --target /tmp/sb3site --no-deps stable-baselines3==2.9.2 pandas matplotlib
     OMP_NUM_THREADS=1 PYTHONPATH=/tmp/sb3site python benchmarks/sb3_sac_her_sps.py
 """
 
