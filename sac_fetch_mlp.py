@@ -12,20 +12,28 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
+import farama_notifications
 import gymnasium as gym
-import gymnasium_robotics
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.optim as optim
 import tyro
-from gymnasium_robotics.utils import rotations
 from torch.utils.tensorboard import SummaryWriter
+
+# Known-harmless import-time noise, silenced exactly: gymnasium-robotics' notice about the AdroitHand v1 rewards (this
+# script uses only Fetch).
+_robotics_notices = farama_notifications.notifications.get("gymnasium_robotics", {})
+for _version in [v for v, text in _robotics_notices.items() if text.startswith("AdroitHand")]:
+    del _robotics_notices[_version]
+import gymnasium_robotics  # noqa: E402
+from gymnasium_robotics.utils import rotations  # noqa: E402
 
 
 @dataclass
@@ -46,8 +54,14 @@ class Args:
     """if toggled, every evaluation's first episode is saved as a video in `<run_dir>/<run_name>/videos`"""
     save_model: bool = False
     """if toggled, the agent is saved to `<run_dir>/<run_name>/model.pt` at every evaluation"""
+    checkpoint_frequency: int = 25_000
+    """environment steps between training checkpoints (`<run_dir>/<run_name>/checkpoint.pt`, replay buffer included),
+    written at the first episode boundary past each multiple, at the end, and on SIGUSR1/SIGTERM; 0: only the latter"""
     run_dir: str = "runs"
     """the folder that holds one sub-folder per run"""
+    run_name: str | None = None
+    """the run folder's name (default `{env_id}__{exp_name}__{seed}__{unix_time}`); if `<run_dir>/<run_name>/` holds a
+    checkpoint, the run resumes from it"""
 
     # Algorithm specific arguments
     env_id: str = "FetchPushDense-v4"
@@ -212,6 +226,16 @@ class FetchBaseFrame(gym.ObservationWrapper):
             {"observation": box(fields_dim(fields)), "achieved_goal": box(3), "desired_goal": box(3)}
         )
 
+    @property
+    def rng_state(self) -> dict:
+        """The state of the env's `np_random` (object and goal sampling); with it a Fetch reset is reproducible, since
+        `_reset_sim` starts with `mj_resetData`. A property so that vector envs can `get_attr`/`set_attr` it."""
+        return self.unwrapped.np_random.bit_generator.state
+
+    @rng_state.setter
+    def rng_state(self, state: dict) -> None:
+        self.unwrapped.np_random.bit_generator.state = state
+
     def base_pos(self) -> np.ndarray:
         """The robot base position in the world frame, read from the simulator, (3,) in m."""
         return self.env.unwrapped.data.xpos[self._base_body].copy()
@@ -238,10 +262,11 @@ def make_env(env_id: str, capture_video: bool = False, video_dir: str = ""):
 
 
 def make_vector_env(env_id: str, num_envs: int, mode: str, capture_video: bool = False, video_dir: str = ""):
-    """Vector env of `num_envs` wrapped Fetch envs; gymnasium's default NEXT_STEP autoreset."""
+    """Vector env of `num_envs` wrapped Fetch envs without autoreset: Fetch episodes all last `max_episode_steps` and
+    start together, so the training loop resets every env at each episode boundary (where checkpoints are taken)."""
     thunks = [make_env(env_id, capture_video and i == 0, video_dir) for i in range(num_envs)]
     vector_cls = gym.vector.AsyncVectorEnv if mode == "async" else gym.vector.SyncVectorEnv
-    return vector_cls(thunks)
+    return vector_cls(thunks, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,6 +279,14 @@ def mlp(in_dim: int, hidden_sizes, out_dim: int) -> torch.nn.Sequential:
         layers += [torch.nn.Linear(width, hidden), torch.nn.ReLU(inplace=True)]
         width = hidden
     return torch.nn.Sequential(*layers, torch.nn.Linear(width, out_dim))
+
+
+NETWORK_ARGS = ("hidden_sizes",)
+
+
+def dense_widths(in_dim: int, out_dim: int, args: Args) -> list[int]:
+    """Widths of one network's layers as dense matrices."""
+    return [in_dim, *args.hidden_sizes, out_dim]
 
 
 def validate_network_args(args: Args) -> None:
@@ -383,20 +416,16 @@ class HerReplayBuffer:
         self.t = np.zeros(num_envs, np.int64)  # step index inside each env's current episode
         self.num_episodes, self.next_slot = 0, 0
 
-    def add(self, obs, next_obs, actions, terminations, truncations, valid):
-        """Store one vector step. obs/next_obs: dicts of (num_envs, dim); actions (num_envs, 4); flags (num_envs,).
-
-        `valid[i]` is False for the step right after env i's episode ended: gymnasium's NEXT_STEP autoreset ignores
-        that action and returns the reset observation, so that pair is not a transition.
-        """
-        for i in np.flatnonzero(valid):
+    def add(self, obs, next_obs, actions, terminations, truncations):
+        """Store one vector step. obs/next_obs: dicts of (num_envs, dim); actions (num_envs, 4); flags (num_envs,)."""
+        for i in range(len(actions)):
             t = self.t[i]
             for key, src in (("obs", obs["observation"]), ("ag", obs["achieved_goal"]), ("g", obs["desired_goal"]),
                              ("actions", actions)):  # fmt: skip
                 self.staging[key][i, t] = src[i]
             self.t[i] += 1
-            if terminations[i] or truncations[i]:
-                if terminations[i] or t + 1 != self.T:
+            if terminations[i] or truncations[i] or t + 1 == self.T:
+                if terminations[i] or not truncations[i] or t + 1 != self.T:
                     raise RuntimeError(f"HER buffer expects {self.T}-step truncated episodes, env {i} ended at step "
                                        f"{t + 1} with terminated={bool(terminations[i])}")  # fmt: skip
                 self.staging["obs"][i, self.T] = next_obs["observation"][i]
@@ -431,6 +460,25 @@ class HerReplayBuffer:
             as_tensor(rewards[:, None]),
         )
 
+    def state_dict(self) -> dict:
+        """The stored episodes (filled slots only, as tensors sharing the arrays' memory), ring position and sampling
+        RNG. Only valid at an episode boundary: episodes in progress are not saved."""
+        if self.t.any():
+            raise RuntimeError(f"HER buffer state saved mid-episode (steps {self.t.tolist()}); save at a boundary")
+        filled = {key: torch.from_numpy(episodes[: self.num_episodes]) for key, episodes in self.storage.items()}
+        return {"storage": filled, "num_episodes": self.num_episodes, "next_slot": self.next_slot,
+                "rng": self.rng.bit_generator.state}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of `state_dict`. Raises ValueError if the saved episodes do not fit this buffer's shapes."""
+        for key, episodes in state["storage"].items():
+            if episodes.shape[0] > self.capacity or episodes.shape[1:] != self.storage[key].shape[1:]:
+                raise ValueError(f"saved replay buffer {key} {tuple(episodes.shape)} does not fit "
+                                 f"{(self.capacity, *self.storage[key].shape[1:])}")  # fmt: skip
+            self.storage[key][: episodes.shape[0]] = episodes.numpy()
+        self.num_episodes, self.next_slot = state["num_episodes"], state["next_slot"]
+        self.rng.bit_generator.state = state["rng"]
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Plumbing: arguments, evaluation, checkpoints
@@ -440,6 +488,7 @@ def validate_args(args: Args) -> None:
     if args.env_id not in SUPPORTED_ENV_IDS:
         raise ValueError(f"unknown --env-id {args.env_id!r}; supported: {', '.join(SUPPORTED_ENV_IDS)}")
     checks = [
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1, got {args.total_timesteps}"),
         (args.num_envs >= 1, f"--num-envs must be >= 1, got {args.num_envs}"),
         (args.buffer_size >= 50, f"--buffer-size must be >= 50 (one episode), got {args.buffer_size}"),
@@ -457,6 +506,11 @@ def validate_args(args: Args) -> None:
          f"--target-network-frequency must be >= 1, got {args.target_network_frequency}"),
         (args.alpha >= 0, f"--alpha must be >= 0, got {args.alpha}"),
         (args.her_k >= 0, f"--her-k must be >= 0, got {args.her_k}"),
+        (args.checkpoint_frequency >= 0,
+         f"--checkpoint-frequency must be >= 0 (0: checkpoints only at the end and on a signal), "
+         f"got {args.checkpoint_frequency}"),
+        (args.run_name is None or (args.run_name.strip(".") != "" and "/" not in args.run_name),
+         f"--run-name must be a folder name (not empty, '.' or '..', no '/'), got {args.run_name!r}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -464,6 +518,42 @@ def validate_args(args: Args) -> None:
     if args.track and importlib.util.find_spec("wandb") is None:
         raise ValueError("--track needs Weights and Biases: pip install wandb")
     validate_network_args(args)
+    check_memory(args)
+
+
+def check_memory(args: Args) -> None:
+    """Raise ValueError if the full replay buffer and the five networks (dense weights, gradients, Adam moments and
+    escnn's expanded copy: 5 floats per dense weight) would need more memory than this process may use."""
+    obs_dim = fields_dim(REACH_FIELDS if "Reach" in args.env_id else OBJECT_FIELDS) + fields_dim(GOAL_FIELDS)
+    buffer_bytes = 4 * args.buffer_size * (obs_dim + 7)  # per transition: observation, goals, action (float32)
+    weights = lambda widths: sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))  # noqa: E731
+    actor, critic = dense_widths(obs_dim, 8, args), dense_widths(obs_dim + fields_dim(ACTION_FIELDS), 1, args)
+    network_bytes = 4 * 5 * (weights(actor) + 4 * weights(critic))
+    limit = memory_limit()
+    if buffer_bytes + network_bytes > limit:
+        flags = " ".join(f"--{name.replace('_', '-')} {flag_value(getattr(args, name))}" for name in NETWORK_ARGS)
+        raise ValueError(f"{flags} and --buffer-size {args.buffer_size} need about "
+                         f"{(buffer_bytes + network_bytes) / 2**30:.1f} GiB (networks {network_bytes / 2**30:.1f}, "
+                         f"replay buffer {buffer_bytes / 2**30:.1f}), more than the {limit / 2**30:.1f} GiB "
+                         "this process may use")  # fmt: skip
+
+
+def flag_value(value) -> str:
+    """An argument's value as typed on the command line: tuples space-separated."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def memory_limit() -> int:
+    """Bytes this process may use: physical memory, or its cgroup v2 limit (e.g. a Slurm job's --mem) if lower."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/self/cgroup") as f:
+            group_path = next(line[3:].strip() for line in f if line.startswith("0::"))
+        with open(f"/sys/fs/cgroup{group_path}/memory.max") as f:
+            value = f.read().strip()
+    except (OSError, StopIteration):
+        return limit
+    return min(limit, int(value)) if value.isdigit() else limit
 
 
 def check_rendering(env_id: str) -> None:
@@ -514,20 +604,175 @@ def evaluate(actor, eval_envs, seed: int, device) -> dict:
     }
 
 
-def save_checkpoint(path: str, args: Args, global_step: int, modules: dict, alpha_state: dict) -> None:
-    """Atomically write args, global_step, alpha and every module's/optimizer's state_dict (nets in train mode)."""
-    state = {"args": asdict(args), "global_step": global_step, "alpha": alpha_state["alpha"]}
-    state.update({name: module.state_dict() for name, module in modules.items()})
-    torch.save(state, path + ".tmp")
+SCRIPT = os.path.basename(__file__)
+CHECKPOINT_FILE = "checkpoint.pt"
+RESUMABLE_CHANGES = ("total_timesteps", "run_dir")  # the only arguments a resumed run may change
+EXIT_INTERRUPTED = 3  # stopped by SIGUSR1/SIGTERM after writing a checkpoint: the same command resumes the run
+
+
+def atomic_torch_save(state: dict, path: str) -> None:
+    """Write `state` so that a crash at any moment leaves the previous file or the new one, complete: temporary file,
+    fsync, rename over the previous file, fsync of the folder."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load_saved(path: str) -> dict:
+    """Load a `model.pt` or `checkpoint.pt` written by this script (tensors and plain Python only).
+
+    Raises:
+        ValueError: if the file was saved by another script (e.g. this script's twin), naming that script.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    foreign = sorted(set(state["args"]) - set(Args.__dataclass_fields__))
+    if state.get("script", SCRIPT) != SCRIPT or foreign:
+        saved_by = state.get("script", f"another script (arguments {', '.join(foreign)})")
+        raise ValueError(f"{path} was saved by {saved_by}, not {SCRIPT}: load it with that script")
+    return state
+
+
+def agent_state(args: Args, agent) -> dict:
+    """args and the state_dict of every network (in train mode: no escnn cache) and optimizer, and alpha."""
+    nets, opts, alpha_state = agent
+    state = {"script": SCRIPT, "args": asdict(args), "alpha": alpha_state["alpha"]}
+    state.update({name: net.state_dict() for name, net in nets.items()})
+    state.update({f"{name}_optimizer": opt.state_dict() for name, opt in opts.items()})
+    if "log_alpha" in alpha_state:
+        state["log_alpha"] = alpha_state["log_alpha"].detach().clone()
+    return state
+
+
+@dataclass
+class LoopState:
+    """The training loop's counters, saved in every checkpoint (`last_eval`: the latest evaluation record)."""
+
+    global_step: int = 0
+    update_idx: int = 0
+    eval_idx: int = 0
+    next_eval: int = 0
+    next_checkpoint: int = 0
+    last_eval: dict | None = None
+
+
+def training_checkpoint(args: Args, agent, rb, envs, loop: LoopState, action_rng: np.random.Generator) -> dict:
+    """Everything a resumed run needs to continue exactly: agent, replay buffer, counters and every RNG state
+    (Python, NumPy's legacy global and Generators, torch, each training env's `np_random`)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    rngs = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "actions": action_rng.bit_generator.state,
+        "envs": list(envs.unwrapped.get_attr("rng_state")),
+    }
+    return {**agent_state(args, agent), **asdict(loop), "replay_buffer": rb.state_dict(), "rng": rngs}
+
+
+def restore_checkpoint(state: dict, agent, rb, envs, action_rng: np.random.Generator) -> LoopState:
+    """Inverse of `training_checkpoint`: load every state in place and return the loop's counters."""
+    nets, opts, alpha_state = agent
+    for name, net in nets.items():
+        net.load_state_dict(state[name])
+    if "log_alpha" in alpha_state:
+        with torch.no_grad():
+            alpha_state["log_alpha"].copy_(state["log_alpha"])
+    for name, opt in opts.items():
+        opt.load_state_dict(state[f"{name}_optimizer"])
+    alpha_state["alpha"] = state["alpha"]
+    rb.load_state_dict(state["replay_buffer"])
+    rngs = state["rng"]
+    random.setstate(rngs["python"])
+    name, keys, pos, has_gauss, cached_gaussian = rngs["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(rngs["torch"])
+    if rngs["cuda"]:
+        torch.cuda.set_rng_state_all(rngs["cuda"])
+    action_rng.bit_generator.state = rngs["actions"]
+    envs.unwrapped.set_attr("rng_state", rngs["envs"])
+    return LoopState(**{key: state[key] for key in LoopState.__dataclass_fields__})
+
+
+def resume_state(args: Args, run_path: str) -> dict | None:
+    """None for a new run (no folder yet), else the checkpoint to resume from, checked against `args`.
+
+    Raises:
+        ValueError: if the folder holds no checkpoint, or the checkpoint was saved by another script, with arguments
+            that differ in anything but RESUMABLE_CHANGES, or past --total-timesteps.
+    """
+    if not os.path.exists(run_path):
+        return None
+    path = os.path.join(run_path, CHECKPOINT_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"run folder {run_path!r} exists and holds no {CHECKPOINT_FILE} to resume from; "
+                         "choose another --run-name or --run-dir")  # fmt: skip
+    state = load_saved(path)
+    given = asdict(args)
+    changed = [key for key in given if key not in RESUMABLE_CHANGES and state["args"].get(key) != given[key]]
+    if changed:
+        diffs = ", ".join(f"--{key.replace('_', '-')} {given[key]!r} (checkpoint: {state['args'].get(key)!r})"
+                          for key in changed)  # fmt: skip
+        raise ValueError(f"cannot resume {run_path!r} with other arguments: {diffs}; only --total-timesteps may change")
+    if args.total_timesteps < state["global_step"]:
+        raise ValueError(f"--total-timesteps must be >= the checkpoint's global_step {state['global_step']} to "
+                         f"resume {run_path!r}, got {args.total_timesteps}")  # fmt: skip
+    return state
+
+
+def is_complete(run_path: str, total_timesteps: int) -> bool:
+    """Whether the run already ended at `total_timesteps` (its final_eval.json says so)."""
+    try:
+        with open(os.path.join(run_path, "final_eval.json")) as f:
+            return json.load(f)["global_step"] >= total_timesteps
+    except FileNotFoundError:
+        return False
+
+
+def truncate_evals(run_path: str, eval_idx: int) -> None:
+    """Drop the evaluation lines written after the checkpoint (eval_idx >= `eval_idx`): the resumed run redoes them."""
+    path = os.path.join(run_path, "evals.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["eval_idx"] < eval_idx]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
     os.replace(path + ".tmp", path)
 
 
+class StopRequest:
+    """Records a SIGUSR1 or SIGTERM (Slurm's warning signal, preemption, time limit): the training loop finishes the
+    current episode, writes a checkpoint and stops (exit code EXIT_INTERRUPTED)."""
+
+    def __init__(self):
+        self.signum = None
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+class Interrupted(Exception):
+    """Raised by the training loop once the checkpoint a StopRequest asked for is written."""
+
+
 def evaluate_checkpoint(path: str, eval_episodes: int = 10, seed: int = 0) -> dict:
-    """Rebuild the actor saved by `--save-model` and evaluate it deterministically on its env.
+    """Rebuild the actor saved in `model.pt` (`--save-model`) or `checkpoint.pt` and evaluate it deterministically.
 
     Usage: python -c "import sac_fetch_equivariant as m; print(m.evaluate_checkpoint('runs/<run_name>/model.pt'))"
+    Returns {"global_step", "eval/success_rate", "eval/return"}. Raises ValueError if another script saved `path`.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_saved(path)
     args = Args(**state["args"])
     eval_envs = make_vector_env(args.env_id, eval_episodes, "sync")
     actor = Actor(eval_envs.get_attr("fields")[0], args)
@@ -625,14 +870,6 @@ def soft_update(target: torch.nn.Module, source: torch.nn.Module, tau: float) ->
         target_param.lerp_(param, tau)
 
 
-def make_run_dir(args: Args, run_name: str) -> str:
-    path = os.path.join(args.run_dir, run_name)
-    if os.path.exists(path):
-        raise ValueError(f"run folder {path!r} already exists; choose another --exp-name or --run-dir")
-    os.makedirs(path)
-    return path
-
-
 def build_agent(obs_fields, args: Args, device):
     nets = {"actor": Actor(obs_fields, args), "qf1": SoftQNetwork(obs_fields, args),
             "qf2": SoftQNetwork(obs_fields, args), "qf1_target": SoftQNetwork(obs_fields, args),
@@ -652,7 +889,8 @@ def build_agent(obs_fields, args: Args, device):
 
 
 def main(args: Args) -> int:
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    args.run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_path = os.path.join(args.run_dir, args.run_name)
     gym.register_envs(gymnasium_robotics)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -663,85 +901,121 @@ def main(args: Args) -> int:
     try:
         if args.capture_video:
             check_rendering(args.env_id)
-        run_path = make_run_dir(args, run_name)
+        saved = resume_state(args, run_path)  # read and checked before anything is written
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if saved is not None and is_complete(run_path, args.total_timesteps):
+        print(f"run {run_path} already ended at global_step {args.total_timesteps}; nothing to do", file=sys.stderr)
+        return 0
+    stop = StopRequest()  # before the envs: async env workers forked later inherit the handler and ignore the signal
     envs = gym.wrappers.vector.RecordEpisodeStatistics(
         make_vector_env(args.env_id, args.num_envs, args.vector_env_mode)
     )
+    obs_fields = envs.unwrapped.get_attr("fields")[0]
+    agent = build_agent(obs_fields, args, device)  # before the run folder: a failure here leaves nothing behind
+    params = {"actor_params": num_params(agent[0]["actor"]), "critic_params": num_params(agent[0]["qf1"])}
+    if saved is None:
+        os.makedirs(run_path)
+        with open(os.path.join(run_path, "config.json"), "w") as f:
+            json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
     eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
-    obs_fields = eval_envs.get_attr("fields")[0]
-    episode_length = gym.spec(args.env_id).max_episode_steps
-    nets, opts, alpha_state = build_agent(obs_fields, args, device)
-    params = {"actor_params": num_params(nets["actor"]), "critic_params": num_params(nets["qf1"])}
-    with open(os.path.join(run_path, "config.json"), "w") as f:
-        json.dump({"run_name": run_name, "args": asdict(args), **params}, f, indent=2)
+    obs_dim = envs.single_observation_space["observation"].shape[0]
+    rb = HerReplayBuffer(obs_dim, 3, 4, gym.spec(args.env_id).max_episode_steps, args.buffer_size, args.num_envs,
+                         args.her_k, eval_envs.envs[0].unwrapped.compute_reward, device, args.seed)  # fmt: skip
+    action_rng = np.random.default_rng(args.seed)
+    if saved is None:
+        loop = LoopState(next_eval=args.eval_frequency, next_checkpoint=args.checkpoint_frequency)
+    else:
+        loop = restore_checkpoint(saved, agent, rb, envs, action_rng)
+        truncate_evals(run_path, loop.eval_idx)
+        print(f"[{args.run_name}] resuming from global_step {loop.global_step} (eval_idx {loop.eval_idx})",
+              file=sys.stderr, flush=True)  # fmt: skip
+    del saved  # the checkpoint's copy of the replay buffer
+    eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name,
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=args.run_name,
                    save_code=True, dir=run_path)  # fmt: skip
-    writer = SummaryWriter(run_path)
-    writer.add_text("hyperparameters", hparams_text(args))
-
-    obs_dim = envs.single_observation_space["observation"].shape[0]
-    rb = HerReplayBuffer(obs_dim, 3, 4, episode_length, args.buffer_size, args.num_envs, args.her_k,
-                         eval_envs.envs[0].unwrapped.compute_reward, device, args.seed)  # fmt: skip
+    # a resumed run purges the events its previous process logged after the checkpoint (TensorBoard's purge_step)
+    writer = SummaryWriter(run_path, purge_step=loop.global_step + 1 if loop.global_step else None)
+    if loop.global_step == 0:
+        writer.add_text("hyperparameters", hparams_text(args))
     try:
-        final = train(args, envs, eval_envs, nets, opts, alpha_state, rb, writer, run_name, run_path, device)
+        final = train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop, action_rng, stop)
     except FloatingPointError as err:
         print(f"error: non-finite loss: {err}; run folder kept at {run_path}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        print(f"[{args.run_name}] {err}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         writer.close()
         envs.close()
         eval_envs.close()
     with open(os.path.join(run_path, "final_eval.json"), "w") as f:
-        json.dump({"run_name": run_name, "args": asdict(args), **params, **final}, f, indent=2)
+        json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
     return 0
 
 
-def train(args, envs, eval_envs, nets, opts, alpha_state, rb, writer, run_name, run_path, device) -> dict:
-    """The SAC + HER loop. Returns the final evaluation record (also printed as a JSON line)."""
-    rng = np.random.default_rng(args.seed)
-    progress = Progress(run_name, args.total_timesteps)
-    start_time = time.time()
-    obs, _ = envs.reset(seed=args.seed)
-    autoreset = np.zeros(args.num_envs, dtype=bool)
-    global_step, update_idx, eval_idx, next_eval = 0, 0, 0, args.eval_frequency
-    record, logs = {}, {}  # logs keeps the latest value of every loss (actor losses come every policy_frequency)
-    while global_step < args.total_timesteps:
-        if global_step < args.learning_starts:
-            actions = random_actions(args.num_envs, rng)
+def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: LoopState, action_rng, stop) -> dict:
+    """The SAC + HER loop, from `loop`'s counters to `total_timesteps`. Returns the final evaluation record (also
+    printed as a JSON line). Raises Interrupted after the checkpoint that a SIGUSR1/SIGTERM asked for."""
+    nets, opts, alpha_state = agent
+    progress = Progress(args.run_name, args.total_timesteps)
+    start_time, start_step = time.time(), loop.global_step
+    # a new run seeds the envs; a resumed one continues their restored np_random, like every reset below
+    obs, _ = envs.reset(seed=None if loop.global_step else args.seed)
+    logs = {}  # the latest value of every loss (actor losses come every policy_frequency updates)
+    while loop.global_step < args.total_timesteps:
+        if loop.global_step < args.learning_starts:
+            actions = random_actions(args.num_envs, action_rng)
         else:
             with torch.no_grad():
                 actions = get_action(nets["actor"], obs_tensor(obs, device))[0].cpu().numpy()
 
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
-        valid = ~autoreset  # NEXT_STEP autoreset: an env that ended last step was reset now, ignoring its action
-        rb.add(obs, next_obs, actions, terminations, truncations, valid)
-        global_step += int(valid.sum())
-        autoreset = terminations | truncations
+        rb.add(obs, next_obs, actions, terminations, truncations)
+        loop.global_step += args.num_envs
         obs = next_obs
-        log_episodes(infos, autoreset, writer, global_step)
+        episode_end = terminations | truncations  # Fetch: all envs at once, every max_episode_steps steps
+        log_episodes(infos, episode_end, writer, loop.global_step)
 
-        if global_step > args.learning_starts and rb.num_episodes > 0 and valid.any():
-            logs.update(sac_update(rb.sample(args.batch_size), nets, opts, args, alpha_state, update_idx, global_step))
-            update_idx += 1
-            if update_idx % 100 == 0:
+        if loop.global_step > args.learning_starts and rb.num_episodes > 0:
+            logs.update(sac_update(rb.sample(args.batch_size), nets, opts, args, alpha_state, loop.update_idx,
+                                   loop.global_step))  # fmt: skip
+            loop.update_idx += 1
+            if loop.update_idx % 100 == 0:
                 for key, value in logs.items():
-                    writer.add_scalar(key, value.item(), global_step)
-                sps = int(global_step / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, global_step)
-                progress.maybe_print(global_step, sps, record.get("eval/success_rate"))
+                    writer.add_scalar(key, value.item(), loop.global_step)
+                sps = int((loop.global_step - start_step) / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, loop.global_step)
+                progress.maybe_print(loop.global_step, sps, (loop.last_eval or {}).get("eval/success_rate"))
 
-        if global_step >= next_eval or global_step >= args.total_timesteps:
-            record = run_evaluation(
-                args, nets, eval_envs, eval_idx, global_step, writer, run_path, device, opts, alpha_state
-            )
-            eval_idx, next_eval = eval_idx + 1, next_eval + args.eval_frequency
-    return record
+        if loop.global_step >= loop.next_eval or loop.global_step >= args.total_timesteps:
+            loop.last_eval = run_evaluation(args, agent, eval_envs, loop, writer, run_path, device)
+            loop.eval_idx, loop.next_eval = loop.eval_idx + 1, loop.next_eval + args.eval_frequency
+
+        if episode_end.all():  # crucial: checkpoints only here, so that a resumed run continues exactly
+            maybe_checkpoint(args, agent, rb, envs, loop, action_rng, run_path, stop)
+            obs, _ = envs.reset()
+    return loop.last_eval
+
+
+def maybe_checkpoint(args, agent, rb, envs, loop: LoopState, action_rng, run_path: str, stop: StopRequest) -> None:
+    """At an episode boundary: write checkpoint.pt when one is due (every `checkpoint_frequency` steps, at the end,
+    or on a signal). Raises Interrupted after writing it for a signal."""
+    periodic = args.checkpoint_frequency > 0 and loop.global_step >= loop.next_checkpoint
+    if not (periodic or stop.signum or loop.global_step >= args.total_timesteps):
+        return
+    if args.checkpoint_frequency > 0:
+        loop.next_checkpoint = (loop.global_step // args.checkpoint_frequency + 1) * args.checkpoint_frequency
+    path = os.path.join(run_path, CHECKPOINT_FILE)
+    atomic_torch_save(training_checkpoint(args, agent, rb, envs, loop, action_rng), path)
+    if stop.signum:
+        raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at global_step {loop.global_step}: "
+                          f"checkpoint written to {path}; rerun the same command to resume")  # fmt: skip
 
 
 def log_episodes(infos: dict, done: np.ndarray, writer, global_step: int) -> None:
@@ -755,19 +1029,19 @@ def log_episodes(infos: dict, done: np.ndarray, writer, global_step: int) -> Non
         writer.add_scalar("charts/success_rate", float(np.mean(infos["is_success"][done])), global_step)
 
 
-def run_evaluation(args, nets, eval_envs, eval_idx, global_step, writer, run_path, device, opts, alpha_state):
+def run_evaluation(args, agent, eval_envs, loop: LoopState, writer, run_path, device) -> dict:
     """Evaluate, log to TensorBoard, print the JSON line, append it to evals.jsonl, save the model if asked."""
-    result = evaluate(nets["actor"], eval_envs, args.seed + 1_000_000, device)
+    result = evaluate(agent[0]["actor"], eval_envs, args.seed + 1_000_000, device)
     for key, value in result.items():
-        writer.add_scalar(key, value, global_step)
-    record = {"eval_idx": eval_idx, "global_step": global_step, **result}
+        writer.add_scalar(key, value, loop.global_step)
+    record = {"eval_idx": loop.eval_idx, "global_step": loop.global_step, **result}
     line = json.dumps(record)
     print(line, flush=True)
     with open(os.path.join(run_path, "evals.jsonl"), "a") as f:
         f.write(line + "\n")
     if args.save_model:
-        optimizers = {f"{name}_optimizer": opt for name, opt in opts.items()}
-        save_checkpoint(os.path.join(run_path, "model.pt"), args, global_step, {**nets, **optimizers}, alpha_state)
+        atomic_torch_save({**agent_state(args, agent), "global_step": loop.global_step},
+                          os.path.join(run_path, "model.pt"))  # fmt: skip
     return record
 
 

@@ -1,5 +1,5 @@
-"""HER replay buffer on real Fetch episodes: gymnasium 1.x NEXT_STEP autoreset handling, 'future' relabelling and
-rewards recomputed with the env's compute_reward."""
+"""HER replay buffer on real Fetch episodes: contiguous episodes with explicit resets at episode boundaries, 'future'
+relabelling, rewards recomputed with the env's compute_reward, and its state saved and restored for resume."""
 
 import gymnasium as gym
 import numpy as np
@@ -19,22 +19,21 @@ def collect(m, env_id: str, num_envs: int, episodes_per_env: int, her_k: int, se
                            reward_env.unwrapped.compute_reward, "cpu", seed)  # fmt: skip
     rng = np.random.default_rng(seed)
     obs, _ = envs.reset(seed=seed)
-    autoreset = np.zeros(num_envs, bool)
     log = [[] for _ in range(num_envs)]
-    for _ in range(episodes_per_env * (T + 1)):  # T steps per episode plus the autoreset step
+    for _ in range(episodes_per_env * T):
         actions = m.random_actions(num_envs, rng)
         next_obs, rewards, terminations, truncations, _ = envs.step(actions)
-        valid = ~autoreset
-        rb.add(obs, next_obs, actions, terminations, truncations, valid)
-        for i in np.flatnonzero(valid):
+        rb.add(obs, next_obs, actions, terminations, truncations)
+        for i in range(num_envs):
             log[i].append((obs["observation"][i].copy(), actions[i], rewards[i], next_obs["observation"][i].copy()))
-        autoreset = terminations | truncations
         obs = next_obs
+        if (terminations | truncations).all():
+            obs, _ = envs.reset()
     envs.close()
     return rb, log, reward_env
 
 
-def test_autoreset_step_is_not_stored_and_episodes_are_contiguous(eq):
+def test_episodes_are_stored_contiguously_without_reset_observations(eq):
     rb, log, _ = collect(eq, "FetchPushDense-v4", num_envs=2, episodes_per_env=2, her_k=4)
     assert rb.num_episodes == 4
     assert [len(transitions) for transitions in log] == [2 * T, 2 * T]
@@ -86,7 +85,38 @@ def test_buffer_rejects_episodes_of_another_length(eq):
     rb = eq.HerReplayBuffer(10, 3, 4, T, 10 * T, 1, 4, None, "cpu", 0)
     obs = {"observation": np.zeros((1, 10)), "achieved_goal": np.zeros((1, 3)), "desired_goal": np.zeros((1, 3))}
     with pytest.raises(RuntimeError, match="ended at step 1"):
-        rb.add(obs, obs, np.zeros((1, 4)), np.array([False]), np.array([True]), np.array([True]))
+        rb.add(obs, obs, np.zeros((1, 4)), np.array([False]), np.array([True]))
+
+
+def test_buffer_rejects_an_episode_that_does_not_end_after_t_steps(eq):
+    rb = eq.HerReplayBuffer(10, 3, 4, T, 10 * T, 1, 4, None, "cpu", 0)
+    obs = {"observation": np.zeros((1, 10)), "achieved_goal": np.zeros((1, 3)), "desired_goal": np.zeros((1, 3))}
+    for _ in range(T - 1):
+        rb.add(obs, obs, np.zeros((1, 4)), np.array([False]), np.array([False]))
+    with pytest.raises(RuntimeError, match=f"ended at step {T} with terminated=False"):
+        rb.add(obs, obs, np.zeros((1, 4)), np.array([False]), np.array([False]))
+
+
+@pytest.mark.parametrize("script", ["eq", "mlp"])
+def test_state_dict_round_trip_restores_episodes_ring_position_and_sampling(script, request):
+    m = request.getfixturevalue(script)
+    rb, _, reward_env = collect(m, "FetchPushDense-v4", num_envs=2, episodes_per_env=2, her_k=4)
+    state = rb.state_dict()
+    assert state["storage"]["obs"].shape == (4, T + 1, 31)  # filled episodes only
+    fresh = m.HerReplayBuffer(31, 3, 4, T, 100 * T, 2, 4, reward_env.unwrapped.compute_reward, "cpu", 99)
+    fresh.load_state_dict(state)
+    assert (fresh.num_episodes, fresh.next_slot) == (4, 4)
+    expected, restored = rb.sample(64), fresh.sample(64)  # same RNG state: the same indices and relabelling
+    for a, b in zip(expected, restored, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_state_dict_refuses_a_buffer_in_the_middle_of_an_episode(eq):
+    rb = eq.HerReplayBuffer(10, 3, 4, T, 10 * T, 1, 4, None, "cpu", 0)
+    obs = {"observation": np.zeros((1, 10)), "achieved_goal": np.zeros((1, 3)), "desired_goal": np.zeros((1, 3))}
+    rb.add(obs, obs, np.zeros((1, 4)), np.array([False]), np.array([False]))
+    with pytest.raises(RuntimeError, match=r"mid-episode \(steps \[1\]\)"):
+        rb.state_dict()
 
 
 def test_ring_buffer_overwrites_the_oldest_episode(eq):
