@@ -560,6 +560,11 @@ def check_rendering(env_id: str) -> None:
     """Raise ValueError if --capture-video cannot work: no moviepy, or no OpenGL context (headless: MUJOCO_GL=egl)."""
     if importlib.util.find_spec("moviepy") is None:
         raise ValueError("--capture-video needs moviepy: pip install moviepy")
+    # crucial: import what the optimizers import (torch._dynamo, and with it triton on CUDA builds) before the first
+    # OpenGL context. Mesa's EGL driver puts the system libLLVM in the global symbol scope, and a triton loaded later
+    # binds its own LLVM symbols to it and segfaults in its static initializers.
+    import torch._dynamo  # noqa: F401
+
     env = gym.make(env_id, render_mode="rgb_array")
     try:
         env.reset(seed=0)
