@@ -55,7 +55,8 @@ class Args:
     wandb_project_name: str = "equivariant-rl"
     """the wandb project name"""
     capture_video: bool = False
-    """if toggled, every evaluation's first episode is saved as a video in `<run_dir>/<run_name>/videos`"""
+    """if toggled, every evaluation's first episode (the held-out one's too) is saved as a video in
+    `<run_dir>/<run_name>/videos`"""
     save_model: bool = False
     """if toggled, the agent is saved to `<run_dir>/<run_name>/model.pt` at every evaluation"""
     checkpoint_frequency: int = 25_000
@@ -104,6 +105,9 @@ class Args:
     """environment steps between evaluations (a final evaluation always runs at the end)"""
     eval_episodes: int = 10
     """deterministic evaluation episodes per evaluation (one evaluation environment each)"""
+    final_eval_episodes: int = 100
+    """episodes of the held-out final evaluation, from seeds no periodic evaluation uses, reported apart as
+    `heldout/*` (the number to publish; tuners select on `eval/*`); 0 skips it"""
 
     # Network arguments
     dihedral_n: int = 4
@@ -549,6 +553,7 @@ def validate_args(args: Args) -> None:
          f"--learning-starts must be in [0, --total-timesteps={args.total_timesteps}), got {args.learning_starts}"),
         (args.eval_frequency > 0, f"--eval-frequency must be > 0, got {args.eval_frequency}"),
         (args.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {args.eval_episodes}"),
+        (args.final_eval_episodes >= 0, f"--final-eval-episodes must be >= 0, got {args.final_eval_episodes}"),
         (0.0 <= args.gamma < 1.0, f"--gamma must be in [0, 1), got {args.gamma}"),
         (0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}"),
         (args.policy_lr > 0 and args.q_lr > 0, f"learning rates must be > 0, got {args.policy_lr}, {args.q_lr}"),
@@ -641,28 +646,35 @@ def obs_tensor(obs: dict, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(actor, eval_envs, seed: int, device) -> dict:
-    """One deterministic episode (the squashed mean action) per evaluation env, started from `reset(seed=seed)`.
+def evaluate(actor, eval_envs, seed: int, device, episodes: int | None = None, prefix: str = "eval") -> dict:
+    """`episodes` deterministic episodes (the squashed mean action; no random number is drawn), default one per eval
+    env, run in batches of `eval_envs.num_envs`: env i of batch k starts from `reset(seed=seed + k * num_envs + i)`.
 
-    Returns {"eval/success_rate": fraction of episodes whose last step has is_success, "eval/return": mean return}.
+    Returns {f"{prefix}/success_rate": fraction of episodes whose last step has is_success, f"{prefix}/return": mean
+    undiscounted return}.
     """
+    episodes = episodes or eval_envs.num_envs
+    successes, returns = [], []
     actor.eval()  # escnn caches its expanded weights in eval mode; train() below drops the cache again
-    obs, _ = eval_envs.reset(seed=seed)
-    returns = np.zeros(eval_envs.num_envs)
-    for _ in range(eval_envs.get_attr("spec")[0].max_episode_steps):
-        _, _, action = get_action(actor, obs_tensor(obs, device))
-        obs, rewards, _, _, infos = eval_envs.step(action.cpu().numpy())
-        returns += rewards
+    for batch_seed in range(seed, seed + episodes, eval_envs.num_envs):
+        obs, _ = eval_envs.reset(seed=batch_seed)
+        batch_returns = np.zeros(eval_envs.num_envs)
+        for _ in range(eval_envs.get_attr("spec")[0].max_episode_steps):
+            mean, _ = actor(obs_tensor(obs, device))
+            obs, rewards, _, _, infos = eval_envs.step(squash(mean).cpu().numpy())
+            batch_returns += rewards
+        successes.extend(infos["is_success"])
+        returns.extend(batch_returns)
     actor.train()
     return {
-        "eval/success_rate": float(np.mean(infos["is_success"], dtype=np.float64)),
-        "eval/return": float(returns.mean()),
+        f"{prefix}/success_rate": float(np.mean(successes[:episodes], dtype=np.float64)),
+        f"{prefix}/return": float(np.mean(returns[:episodes])),
     }
 
 
 SCRIPT = os.path.basename(__file__)
 CHECKPOINT_FILE = "checkpoint.pt"
-RESUMABLE_CHANGES = ("total_timesteps", "run_dir")  # the only arguments a resumed run may change
+RESUMABLE_CHANGES = ("total_timesteps", "run_dir", "cuda")  # the only arguments a resumed run may change
 EXIT_INTERRUPTED = 3  # stopped by SIGUSR1/SIGTERM after writing a checkpoint: the same command resumes the run
 
 
@@ -751,7 +763,7 @@ def restore_checkpoint(state: dict, agent, rb, envs, action_rng: np.random.Gener
     name, keys, pos, has_gauss, cached_gaussian = rngs["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(rngs["torch"])
-    if rngs["cuda"]:
+    if rngs["cuda"] and torch.cuda.is_available():  # a run moved between CPU and GPU continues, though not exactly
         torch.cuda.set_rng_state_all(rngs["cuda"])
     action_rng.bit_generator.state = rngs["actions"]
     envs.unwrapped.set_attr("rng_state", rngs["envs"])
@@ -777,7 +789,8 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     if changed:
         diffs = ", ".join(f"--{key.replace('_', '-')} {given[key]!r} (checkpoint: {state['args'].get(key)!r})"
                           for key in changed)  # fmt: skip
-        raise ValueError(f"cannot resume {run_path!r} with other arguments: {diffs}; only --total-timesteps may change")
+        raise ValueError(f"cannot resume {run_path!r} with other arguments: {diffs}; "
+                         "only --total-timesteps, --run-dir and --cuda may change")  # fmt: skip
     if args.total_timesteps < state["global_step"]:
         raise ValueError(f"--total-timesteps must be >= the checkpoint's global_step {state['global_step']} to "
                          f"resume {run_path!r}, got {args.total_timesteps}")  # fmt: skip
@@ -977,9 +990,10 @@ def main(args: Args) -> int:
             json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
     eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
     obs_dim = envs.single_observation_space["observation"].shape[0]
+    action_seed, replay_seed = np.random.SeedSequence(args.seed).spawn(2)  # independent streams from one seed
     rb = HerReplayBuffer(obs_dim, 3, 4, gym.spec(args.env_id).max_episode_steps, args.buffer_size, args.num_envs,
-                         args.her_k, eval_envs.envs[0].unwrapped.compute_reward, device, args.seed)  # fmt: skip
-    action_rng = np.random.default_rng(args.seed)
+                         args.her_k, eval_envs.envs[0].unwrapped.compute_reward, device, replay_seed)  # fmt: skip
+    action_rng = np.random.default_rng(action_seed)
     if saved is None:
         loop = LoopState(next_eval=args.eval_frequency, next_checkpoint=args.checkpoint_frequency)
     else:
@@ -1056,7 +1070,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
         if episode_end.all():  # crucial: checkpoints only here, so that a resumed run continues exactly
             maybe_checkpoint(args, agent, rb, envs, loop, action_rng, run_path, stop)
             obs, _ = envs.reset()
-    return loop.last_eval
+    return {**loop.last_eval, **heldout_evaluation(args, nets["actor"], eval_envs, writer, loop.global_step, device)}
 
 
 def maybe_checkpoint(args, agent, rb, envs, loop: LoopState, action_rng, run_path: str, stop: StopRequest) -> None:
@@ -1083,6 +1097,22 @@ def log_episodes(infos: dict, done: np.ndarray, writer, global_step: int) -> Non
         writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
     if done.any() and "is_success" in infos:
         writer.add_scalar("charts/success_rate", float(np.mean(infos["is_success"][done])), global_step)
+
+
+def heldout_evaluation(args, actor, eval_envs, writer, global_step: int, device) -> dict:
+    """The final evaluation on `final_eval_episodes` episodes whose initial states no periodic evaluation sees
+    (seeds from seed + 2_000_000): logged as `heldout/*` and printed as one JSON line without `eval_idx`."""
+    if args.final_eval_episodes == 0:
+        return {}
+    if args.capture_video:  # one video of the held-out evaluation too: its first episode
+        first = iter([True])
+        eval_envs.envs[0].set_wrapper_attr("episode_trigger", lambda _: next(first, False))
+    result = evaluate(actor, eval_envs, args.seed + 2_000_000, device, args.final_eval_episodes, prefix="heldout")
+    for key, value in result.items():
+        writer.add_scalar(key, value, global_step)
+    record = {"global_step": global_step, **result, "heldout/episodes": args.final_eval_episodes}
+    print(json.dumps(record), flush=True)
+    return record
 
 
 def run_evaluation(args, agent, eval_envs, loop: LoopState, writer, run_path, device) -> dict:

@@ -26,6 +26,7 @@ def train_args(script: str, run_dir, run_name: str, nets=None) -> list:
         "--env-id", "FetchPushDense-v4", "--total-timesteps", str(TOTAL), "--learning-starts", "100",
         "--eval-frequency", "100", "--eval-episodes", "2", "--batch-size", "32", "--buffer-size", "2000",
         "--checkpoint-frequency", "100", "--seed", "4", "--run-dir", str(run_dir), "--run-name", run_name,
+        "--final-eval-episodes", "4",
         *(nets or SMALL_NETS[script]),
     ]  # fmt: skip
 
@@ -103,10 +104,10 @@ def test_run_stopped_by_sigusr1_and_resumed_equals_the_uninterrupted_run(script,
     assert f"resuming from global_step {stopped_at}" in resumed.stderr
     lines = (first_stdout + resumed.stdout).splitlines()
     assert lines == reference_stdout.splitlines()  # the same evaluations, eval_idx continued, nothing repeated
-    assert [json.loads(line)["eval_idx"] for line in lines] == [0, 1, 2, 3]
+    assert [json.loads(line).get("eval_idx") for line in lines] == [0, 1, 2, 3, None]  # None: the held-out line
     ref_path, run_path = tmp_path / "runs" / "reference", tmp_path / "runs" / "interrupted"
     with open(run_path / "evals.jsonl") as f:
-        assert f.read().splitlines() == lines
+        assert f.read().splitlines() == lines[:-1]
     assert_same_training_state(load(run_path / "checkpoint.pt"), load(ref_path / "checkpoint.pt"))
     assert load(run_path / "checkpoint.pt")["global_step"] == TOTAL
     for tag in ("charts/episodic_return", "losses/qf1_loss", "eval/return", "charts/SPS"):
@@ -167,7 +168,7 @@ def replace_arg(args: list, flag: str, value: str) -> list:
     ("flag", "value", "message"),
     [
         ("--seed", "5", "error: cannot resume '{path}' with other arguments: --seed 5 (checkpoint: 4); only "
-                        "--total-timesteps may change"),
+                        "--total-timesteps, --run-dir and --cuda may change"),
         ("--batch-size", "64", "--batch-size 64 (checkpoint: 32)"),
         ("--total-timesteps", "350", "error: --total-timesteps must be >= the checkpoint's global_step 400"),
     ],
@@ -201,6 +202,17 @@ def test_a_run_folder_without_checkpoint_exits_2(tmp_path):
         "choose another --run-name or --run-dir"
     ]
     assert os.listdir(tmp_path / "runs" / "taken") == ["notes.txt"]
+
+
+def test_eval_frequency_does_not_change_the_training_trajectory(finished_run, tmp_path):
+    """Evaluation draws no random number, so evaluating at another frequency leaves the same losses and weights."""
+    cwd, args, run_path = finished_run
+    other = run("mlp", replace_arg(replace_arg(args, "--eval-frequency", "200"), "--run-name", "often"), cwd)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert_same_training_state(load(cwd / "runs" / "often" / "checkpoint.pt") | {"eval_idx": 4},
+                               load(run_path / "checkpoint.pt"))  # fmt: skip
+    steps = lambda path: [(e.step, e.value) for e in EventAccumulator(str(path)).Reload().Scalars("losses/qf1_loss")]  # noqa: E731
+    assert steps(cwd / "runs" / "often") == steps(run_path)
 
 
 def test_evaluate_checkpoint_names_the_twin_that_saved_the_file(finished_run, eq, mlp):

@@ -31,6 +31,7 @@ def smoke_args(task: str, script: str, run_dir) -> list:
         "--env-id", f"Fetch{task}Dense-v4", "--total-timesteps", str(TOTAL), "--learning-starts", str(LEARNING_STARTS),
         "--eval-frequency", str(EVAL_FREQUENCY), "--eval-episodes", "2", "--batch-size", "32", "--buffer-size", "1000",
         "--seed", "3", "--exp-name", f"smoke_{script}", "--run-dir", str(run_dir), "--save-model", *SMALL_NETS[script],
+        "--final-eval-episodes", "3",
     ]  # fmt: skip
 
 
@@ -40,9 +41,11 @@ def test_training_runs_past_learning_starts_and_logs(script, task, tmp_path):
     result = run_script(script, smoke_args(task, script, tmp_path / "runs"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]  # stdout: JSON lines only
+    *records, heldout = [json.loads(line) for line in result.stdout.splitlines()]  # stdout: JSON lines only
     assert [(r["eval_idx"], r["global_step"]) for r in records] == [(0, 150), (1, 300)]
     assert all(0.0 <= r["eval/success_rate"] <= 1.0 and r["eval/return"] <= 0.0 for r in records)
+    assert set(heldout) == {"global_step", "heldout/success_rate", "heldout/return", "heldout/episodes"}
+    assert heldout["global_step"] == TOTAL and heldout["heldout/episodes"] == 3 and heldout["heldout/return"] <= 0.0
 
     (run_path,) = glob.glob(str(tmp_path / "runs" / f"Fetch{task}Dense-v4__smoke_{script}__3__*"))
     files = os.listdir(run_path)
@@ -53,13 +56,14 @@ def test_training_runs_past_learning_starts_and_logs(script, task, tmp_path):
     assert (
         final["eval_idx"] == 1 and final["global_step"] == TOTAL and final["args"]["env_id"] == f"Fetch{task}Dense-v4"
     )
+    assert final["heldout/return"] == heldout["heldout/return"] and final["eval/return"] == records[-1]["eval/return"]
     with open(os.path.join(run_path, "evals.jsonl")) as f:
         assert [json.loads(line) for line in f] == records
 
     scalars = EventAccumulator(run_path).Reload().Tags()["scalars"]
     for tag in ("charts/episodic_return", "charts/episodic_length", "charts/success_rate", "charts/SPS",
                 "losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss", "losses/alpha", "losses/alpha_loss",
-                "eval/success_rate", "eval/return"):  # fmt: skip
+                "eval/success_rate", "eval/return", "heldout/success_rate", "heldout/return"):  # fmt: skip
         assert tag in scalars, tag
     qf1 = EventAccumulator(run_path).Reload().Scalars("losses/qf1_loss")
     assert len(qf1) == 1 and qf1[0].step > LEARNING_STARTS  # 150 updates, logged every 100
@@ -77,7 +81,7 @@ def test_saved_model_evaluates_deterministically(script, tmp_path, request):
     assert first["global_step"] == TOTAL and 0.0 <= first["eval/success_rate"] <= 1.0
     assert m.evaluate_checkpoint(model, eval_episodes=3, seed=5) == first
     # the saved actor reproduces the run's own final evaluation (same eval seed and episode count)
-    final = json.loads(result.stdout.splitlines()[-1])
+    final = json.loads(result.stdout.splitlines()[-2])  # the last periodic evaluation (the held-out line follows)
     again = m.evaluate_checkpoint(model, eval_episodes=2, seed=3 + 1_000_000)
     assert again["eval/return"] == pytest.approx(final["eval/return"], rel=1e-5)
 
@@ -87,9 +91,9 @@ def test_capture_video_saves_one_video_per_evaluation(tmp_path, monkeypatch):
     args = smoke_args("Reach", "mlp", tmp_path / "runs") + ["--capture-video"]
     result = run_script("mlp", args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(result.stdout.splitlines()) == 2  # stdout keeps only the JSON lines
+    assert len(result.stdout.splitlines()) == 3  # stdout keeps only the JSON lines: 2 evaluations, 1 held-out
     videos = glob.glob(str(tmp_path / "runs" / "*" / "videos" / "*.mp4"))
-    assert len(videos) == 2 and all(os.path.getsize(v) > 1000 for v in videos)
+    assert len(videos) == 3 and all(os.path.getsize(v) > 1000 for v in videos)  # 2 evaluations, 1 held-out
 
 
 def test_capture_video_without_a_renderer_fails_before_writing(tmp_path, monkeypatch):
@@ -109,7 +113,7 @@ def test_async_vector_env_with_several_envs_counts_transitions_not_reset_steps(t
     result = run_script("mlp", args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["global_step"] for r in records] == [200, 400]
+    assert [r["global_step"] for r in records] == [200, 400, 400]  # two evaluations, then the held-out one
     (run_path,) = glob.glob(str(tmp_path / "runs" / "*"))
     lengths = EventAccumulator(run_path).Reload().Scalars("charts/episodic_length")
     assert [e.value for e in lengths] == [50.0] * 8 and sorted({e.step for e in lengths}) == [200, 400]
