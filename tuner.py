@@ -132,8 +132,11 @@ class Interrupt:
 
 
 # ---- Search spaces -------------------------------------------------------------------------------------------
-# Fair comparison: the equivariant preset is the shared dimensions plus its own, so the dimensions both scripts
-# tune cannot drift apart.
+# Fair comparison: both presets are the shared dimensions plus one capacity dimension each, matched by parameters.
+# The equivariant critic on the object tasks has 9.5k .. 530k parameters over dihedral_n x reg_rep_n (7 distinct counts,
+# 2N * reg_rep_n^2 in its hidden layer); the MLP widths below give whole-critic counts within 3 % of those 7 (a test
+# builds both and checks). FLOPs are not matched: at equal parameters the equivariant layer's expanded weight is
+# sqrt(2N) times wider, so it does 2N times the multiply-adds of the MLP's.
 SAC_FETCH_SHARED = {
     "policy_lr": "loguniform:1e-4,1e-3",
     "q_lr": "loguniform:1e-4,2e-3",
@@ -141,14 +144,11 @@ SAC_FETCH_SHARED = {
     "tau": "loguniform:1e-3,2e-2",
     "batch_size": "choice:128,256,512",
 }
-SAC_FETCH_EQUIVARIANT_ONLY = {
-    "dihedral_n": "choice:4,8,16",
-    "reg_rep_n": "choice:32,64,128",
+SAC_FETCH_CAPACITY = {
+    "sac_fetch_mlp": {"hidden_sizes": "choice:79 79,114 114,167 167,241 241,348 348,497 497,708 708"},
+    "sac_fetch_equivariant": {"dihedral_n": "choice:4,8,16", "reg_rep_n": "choice:32,64,128"},
 }
-PRESETS = {
-    "sac_fetch_mlp": SAC_FETCH_SHARED,
-    "sac_fetch_equivariant": {**SAC_FETCH_SHARED, **SAC_FETCH_EQUIVARIANT_ONLY},
-}
+PRESETS = {name: {**SAC_FETCH_SHARED, **capacity} for name, capacity in SAC_FETCH_CAPACITY.items()}
 
 
 def parse_distribution(name: str, spec: str) -> BaseDistribution:
@@ -215,11 +215,12 @@ def load_space_file(path: str) -> dict[str, str]:
 
 
 def build_space(space: str | None, params: list[str], script: str) -> dict[str, BaseDistribution]:
-    """Merges a preset or TOML file (`space`; default: the preset named after the script) with `--param` flags.
+    """Merges a preset or TOML file (`space`) with `--param` flags. Without `--space`, the `--param` flags alone are
+    the space; with neither, the preset named after the script.
 
     Raises UsageError for an unknown preset or missing file, a malformed param, or an empty space.
     """
-    if space is None and Path(script).stem in PRESETS:
+    if space is None and not params and Path(script).stem in PRESETS:
         space = Path(script).stem
     specs: dict[str, str] = {}
     if space in PRESETS:
@@ -433,20 +434,22 @@ class StudyLock:
             held.close() if isinstance(held, sqlalchemy.Connection) else held.release()
 
 
-def with_retries(call, attempts: int, storage: str, interrupt: Interrupt):
+def with_retries(call, attempts: int, storage: str, interrupt: Interrupt, shutting_down: bool = False):
     """Calls `call()`, retrying transient connection errors with jittered exponential backoff (1 s .. 30 s).
 
-    Raises the last sqlalchemy OperationalError when `attempts` are spent or a signal arrived.
+    With `shutting_down` (the last storage calls after a signal) the retries go on despite the signal, with delays
+    capped at 2 s so that a few attempts end well inside Slurm's 30 s between SIGTERM and SIGKILL.
+    Raises the last sqlalchemy OperationalError when `attempts` are spent or, unless shutting down, a signal arrived.
     """
     for attempt in range(1, attempts + 1):
         try:
             return call()
         except sqlalchemy.exc.OperationalError as exc:
-            if attempt == attempts or interrupt.signum:
+            if attempt == attempts or (interrupt.signum and not shutting_down):
                 raise
-            delay = min(2.0 ** (attempt - 1), 30.0) * random.uniform(0.5, 1.5)
+            delay = min(2.0 ** (attempt - 1), 2.0 if shutting_down else 30.0) * random.uniform(0.5, 1.5)
             print(f"tuner: storage unreachable ({first_line(exc, storage)}); retry {attempt} in {delay:.1f} s")
-            interrupt.sleep(delay)
+            time.sleep(delay) if shutting_down else interrupt.sleep(delay)
 
 
 def first_line(exc: Exception, storage: str) -> str:
@@ -567,10 +570,13 @@ class SeedRuns:
             thread.join(timeout=5.0)
 
 
-def child_env(storage: str) -> dict[str, str]:
-    """The runs' environment: ours, unbuffered, minus $OPTUNA_STORAGE_URL and any variable holding the password."""
-    secrets = _secrets(storage)
-    env = {k: v for k, v in os.environ.items() if k != STORAGE_ENV and not any(s in v for s in secrets)}
+STORAGE_VARIABLES = (STORAGE_ENV, "PGPASSWORD")  # what a run must not see: the storage URL, libpq's password
+
+
+def child_env() -> dict[str, str]:
+    """The runs' environment: ours, unbuffered, minus the storage variables (by name: a value test would also strip
+    PATH or HOME whenever they happen to contain a short password)."""
+    env = {k: v for k, v in os.environ.items() if k not in STORAGE_VARIABLES}
     env["PYTHONUNBUFFERED"] = "1"  # evaluation lines arrive as they are printed
     return env
 
@@ -582,6 +588,7 @@ class Objective:
         self.args, self.fixed_args, self.space = args, fixed_args, space
         self.gate, self.interrupt, self.env = gate, interrupt, env
         self.number: int | None = None  # the running (or last) trial
+        self.heldout: dict[int, float] = {}  # seed -> the held-out final evaluation's metric, of the running trial
 
     def commands(self, number: int, params: dict) -> list[list[str]]:
         """One command per seed; `--exp-name` is unique per trial and seed."""
@@ -610,6 +617,9 @@ class Objective:
         self.check_runs(trial, runs, values)
         per_seed = [sum(v[-self.args.last_k :]) / len(v[-self.args.last_k :]) for v in values]
         trial.set_user_attr("seed_values", dict(zip(map(str, self.args.seeds), per_seed, strict=True)))
+        if len(self.heldout) == len(self.args.seeds):  # reported apart: the number to publish, never selected on
+            trial.set_user_attr("heldout_values", {str(seed): value for seed, value in self.heldout.items()})
+            trial.set_user_attr("heldout_value", sum(self.heldout.values()) / len(self.heldout))
         return sum(per_seed) / len(per_seed)
 
     def follow(self, trial: optuna.Trial, runs: SeedRuns) -> list[list[float]]:
@@ -617,6 +627,8 @@ class Objective:
         `eval_idx` once every seed has printed it. Raises TrialPruned; returns early if a run fails or a signal came."""
         values: list[list[float]] = [[] for _ in runs.procs]
         pending: dict[int, dict[int, float]] = collections.defaultdict(dict)
+        heldout_key = heldout_metric(self.args.metric)
+        heldout = self.heldout = {}
         open_streams = len(runs.procs)
         while open_streams:
             if self.interrupt.signum:
@@ -631,6 +643,8 @@ class Objective:
                     runs.failed_idx = idx
                     break  # a failed seed fails the trial: stop the others now
                 continue
+            if isinstance(record.get(heldout_key), (int, float)):
+                heldout[self.args.seeds[idx]] = float(record[heldout_key])
             if not isinstance(record.get(self.args.metric), (int, float)):
                 continue
             values[idx].append(float(record[self.args.metric]))
@@ -667,6 +681,11 @@ class Objective:
             trial.set_user_attr("stderr_tail", text)
             print(f"tuner: trial {trial.number} FAILED: {reason}; last lines of its stderr:\n{text}", file=sys.stderr)
             raise ScriptFailed(reason)
+
+
+def heldout_metric(metric: str) -> str:
+    """The held-out final evaluation's key for `metric`: `eval/success_rate` -> `heldout/success_rate`."""
+    return "heldout/" + metric.split("/", 1)[-1]
 
 
 def _fmt(params: dict) -> str:
@@ -765,6 +784,9 @@ def print_summary(study: optuna.Study, args: Args, fixed_args: list[str]) -> int
     best = study.best_trial
     print(f"tuner: best trial {best.number}: {args.metric}={best.value:.6g} ({args.direction})")
     print(f"tuner: best params: {json.dumps(best.params)}")
+    if "heldout_value" in best.user_attrs:  # the best trial was chosen on args.metric: this is the number to report
+        heldout = best.user_attrs["heldout_value"]
+        print(f"tuner: best trial {best.number} held-out: {heldout_metric(args.metric)}={heldout:.6g}")
     print(f"tuner: rerun: {rerun_command(args.script, fixed_args, best.params, args.seeds, args.study_name + '-best')}")
     return 0
 
@@ -789,7 +811,7 @@ def prepare(args: Args, fixed_args: list[str], interrupt: Interrupt) -> tuple[op
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds {args.seeds}; allowed: one or more distinct integers")
     space = build_space(args.space, args.param, args.script)
-    env = child_env(args.storage)
+    env = child_env()
     check_arguments(args.script, space, fixed_args, script_flags(args.script, env))
     print(f"tuner: storage {mask_url(args.storage)}, study {args.study_name!r}")
     print("tuner: space " + " ".join(f"{name}={spec_of(dist)}" for name, dist in space.items()))
@@ -817,8 +839,13 @@ def main(argv: list[str]) -> int:
         print(f"error: storage {mask_url(args.storage)}: {first_line(exc, args.storage)}", file=sys.stderr)
         return 1
     except Interrupted as exc:
-        requeue(study, exc.trial_number)
-        print(f"tuner: {exc}; the trial is FAIL and queued again", file=sys.stderr)
+        number, reason = exc.trial_number, str(exc)
+        try:
+            with_retries(lambda: requeue(study, number), 4, args.storage, interrupt, shutting_down=True)
+            print(f"tuner: {reason}; the trial is FAIL and queued again", file=sys.stderr)
+        except sqlalchemy.exc.OperationalError as err:
+            print(f"tuner: {reason}; could not queue it again ({first_line(err, args.storage)}): a worker's heartbeat "
+                  "check retries it once the trial goes stale", file=sys.stderr)  # fmt: skip
     if interrupt.signum:
         return 128 + interrupt.signum
     return print_summary(study, args, fixed_args)

@@ -106,10 +106,11 @@ def postgres_url() -> str:
 
 
 # ---- search spaces --------------------------------------------------------------------------------------------
-def test_equivariant_preset_is_the_shared_dims_plus_two_equivariant_only_dims():
+def test_both_presets_are_the_shared_dims_plus_one_capacity_dimension_each():
     mlp, eq = tuner.PRESETS["sac_fetch_mlp"], tuner.PRESETS["sac_fetch_equivariant"]
-    assert {name: eq[name] for name in mlp} == mlp
-    assert set(eq) - set(mlp) == {"dihedral_n", "reg_rep_n"}
+    assert set(mlp) - set(tuner.SAC_FETCH_SHARED) == {"hidden_sizes"}
+    assert set(eq) - set(tuner.SAC_FETCH_SHARED) == {"dihedral_n", "reg_rep_n"}
+    assert all(mlp[name] == eq[name] == spec for name, spec in tuner.SAC_FETCH_SHARED.items())
     space = tuner.build_space("sac_fetch_equivariant", [], "sac_fetch_equivariant.py")
     assert space["policy_lr"] == FloatDistribution(1e-4, 1e-3, log=True)
     assert space["q_lr"] == FloatDistribution(1e-4, 2e-3, log=True)
@@ -120,10 +121,64 @@ def test_equivariant_preset_is_the_shared_dims_plus_two_equivariant_only_dims():
     assert space["reg_rep_n"] == CategoricalDistribution([32, 64, 128])
 
 
+def test_the_presets_capacity_dimensions_span_the_same_critic_parameter_counts(eq, mlp):
+    """Built for real on the object tasks: every equivariant setting has an MLP width within 3 % of its critic's
+    parameter count and every MLP width an equivariant setting, so both sweeps range over the same capacities."""
+    fields = eq.OBJECT_FIELDS + eq.GOAL_FIELDS
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    eq_space = tuner.build_space("sac_fetch_equivariant", [], "sac_fetch_equivariant.py")
+    eq_counts = [
+        count(eq.SoftQNetwork(fields, eq.Args(dihedral_n=n, reg_rep_n=r)))
+        for n in eq_space["dihedral_n"].choices
+        for r in eq_space["reg_rep_n"].choices
+    ]
+    widths = tuner.build_space("sac_fetch_mlp", [], "sac_fetch_mlp.py")["hidden_sizes"].choices
+    mlp_counts = [count(mlp.SoftQNetwork(fields, mlp.Args(hidden_sizes=tuple(map(int, w.split()))))) for w in widths]
+    close = lambda a, counts: min(abs(a - b) / b for b in counts) < 0.03  # noqa: E731
+    assert all(close(c, mlp_counts) for c in eq_counts), (eq_counts, mlp_counts)
+    assert all(close(c, eq_counts) for c in mlp_counts), (eq_counts, mlp_counts)
+    assert 9_000 < min(eq_counts) < 10_000 and 520_000 < max(eq_counts) < 540_000
+
+
 def test_script_named_like_a_preset_gets_that_preset_by_default():
     assert set(tuner.build_space(None, [], "path/to/sac_fetch_mlp.py")) == set(tuner.PRESETS["sac_fetch_mlp"])
     with pytest.raises(tuner.UsageError, match="nothing to tune"):
         tuner.build_space(None, [], "other_script.py")
+
+
+def test_param_alone_tunes_exactly_those_dimensions_and_space_plus_param_merges():
+    alone = tuner.build_space(None, ["policy_lr=loguniform:1e-4,1e-3"], "sac_fetch_mlp.py")
+    assert alone == {"policy_lr": FloatDistribution(1e-4, 1e-3, log=True)}
+    merged = tuner.build_space("sac_fetch_mlp", ["her_k=int:2,8"], "sac_fetch_mlp.py")
+    assert set(merged) == set(tuner.PRESETS["sac_fetch_mlp"]) | {"her_k"}
+
+
+def test_child_env_drops_the_storage_variables_by_name_and_keeps_path(monkeypatch):
+    password = "a1"  # short enough to occur in PATH or HOME by chance
+    monkeypatch.setenv("OPTUNA_STORAGE_URL", f"postgresql+psycopg://u:{password}@127.0.0.1/db")
+    monkeypatch.setenv("PGPASSWORD", password)
+    monkeypatch.setenv("PATH", f"/opt/{password}/bin:" + os.environ["PATH"])
+    env = tuner.child_env()
+    assert "OPTUNA_STORAGE_URL" not in env and "PGPASSWORD" not in env
+    assert env["PATH"] == os.environ["PATH"] and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_storage_calls_after_a_signal_are_retried_while_shutting_down():
+    interrupt = tuner.Interrupt()
+    interrupt.signum = signal.SIGTERM
+    failures = iter([True, True, False])
+
+    def flaky():
+        if next(failures):
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+        return "queued"
+
+    with pytest.raises(sqlalchemy.exc.OperationalError):  # an ordinary call gives up at once after a signal
+        tuner.with_retries(flaky, 4, "runs/optuna_journal.log", interrupt)
+    failures = iter([True, True, False])
+    start = time.monotonic()
+    assert tuner.with_retries(flaky, 4, "runs/optuna_journal.log", interrupt, shutting_down=True) == "queued"
+    assert time.monotonic() - start < 6.5  # two retries, each at most 2 s * 1.5
 
 
 def test_param_specs_parse_into_optuna_distributions_and_bad_ones_name_the_allowed_forms():
@@ -422,15 +477,20 @@ def test_sweep_of_the_real_mlp_script_completes_and_prints_a_rerun_command(tmp_p
         pytest.skip("sac_fetch_mlp.py is not in the repository yet")
     fixed = ["--env-id", "FetchReachDense-v4", "--total-timesteps", "600", "--learning-starts", "200"]
     fixed += ["--eval-frequency", "300", "--eval-episodes", "2", "--buffer-size", "2000", "--no-cuda"]
+    fixed += ["--final-eval-episodes", "4"]
     result = run_tuner(
         tmp_path, "--script", str(script), "--study-name", "mlp", "--n-trials", "2", "--metric", "eval/return",
-        "--", *fixed, timeout=300,
+        "--space", "sac_fetch_mlp", "--param", "hidden_sizes=choice:64 64", "--", *fixed, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     trials = journal_study(tmp_path, "mlp").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
-    assert set(trials[0].params) == set(tuner.PRESETS["sac_fetch_mlp"])
+    assert set(trials[0].params) == set(tuner.PRESETS["sac_fetch_mlp"]) and trials[0].params["hidden_sizes"] == "64 64"
     assert all(sorted(t.intermediate_values) == [0, 1] and t.value < 0 for t in trials)
+    # the held-out final evaluation is kept apart from the selected-on metric, per seed and as a mean
+    assert all(set(t.user_attrs["heldout_values"]) == {"1"} and t.user_attrs["heldout_value"] < 0 for t in trials)
+    assert all(t.user_attrs["heldout_value"] != t.value for t in trials)
+    assert "held-out: heldout/return=" in result.stdout
     run_dirs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert [d.split("__")[1] for d in run_dirs] == ["mlp-t0-s1", "mlp-t1-s1"]
     assert "tuner: rerun: python " in result.stdout and " --policy-lr " in result.stdout
