@@ -1,0 +1,557 @@
+# docs: docs/comparing.md
+"""Compare groups of runs: learning curves with 95% bootstrap bands and a table of final IQMs with 95% stratified
+bootstrap confidence intervals (rliable), steps to a threshold and wall-clock speed.
+
+    python compare_runs.py runs/ --metric eval/success_rate --group-by exp_name --threshold 0.9 --out docs/figures/x
+
+A run folder is any folder under the given folders that holds `config.json` (docs/conventions.md). A metric is read
+from `evals.jsonl`, else from `final_eval.json`, else from the TensorBoard events (read with TensorBoard's own
+EventAccumulator over the whole folder, which applies the `purge_step` of a resumed run's later event files).
+Errors exit with code 2 and one line `error: ...` on stderr; warnings go to stderr too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import tyro
+
+BAND_REPS = 2000  # bootstrap replications of the per-step band in the figure
+BAND_CHUNK = 4_000_000  # max. elements of one (reps, seeds, steps) block of the band bootstrap
+
+
+@dataclass
+class Args:
+    run_dirs: tyro.conf.Positional[list[str]]
+    """folders searched recursively for run folders (folders holding `config.json`)"""
+    metric: str = "eval/success_rate"
+    """metric to compare: a key of the evaluation lines or a TensorBoard scalar tag (e.g. `charts/episodic_return`)"""
+    group_by: list[str] = field(default_factory=lambda: ["exp_name"])
+    """keys of the runs' config args whose values form the groups (e.g. `exp_name`, `dihedral_n`; several allowed)"""
+    env_id: str | None = None
+    """keep only the runs of this env id (required when the folders hold runs of several env ids)"""
+    threshold: float | None = None
+    """also report the env steps each group needs to reach metric >= threshold"""
+    out: str | None = None
+    """write `<out>.png`, `<out>.svg` and `<out>.md`; None: print the table only"""
+    align: Literal["interpolate", "common"] = "interpolate"
+    """runs of a group with different steps: `interpolate` linearly onto their union, or keep the `common` ones"""
+    reps: int = 50000
+    """bootstrap replications of the confidence intervals in the table (rliable's default)"""
+    seed: int = 0
+    """seed of the bootstrap resampling"""
+
+
+class UsageError(Exception):
+    """A problem with the input: main prints `error: <message>` and exits with code 2."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+@dataclass
+class Run:
+    path: str
+    config: dict
+
+    @property
+    def args(self) -> dict:
+        return self.config.get("args", {})
+
+    @property
+    def env_id(self) -> str:
+        return str(self.args.get("env_id", "?"))
+
+    @property
+    def finished(self) -> bool:
+        return os.path.exists(os.path.join(self.path, "final_eval.json"))
+
+
+@dataclass
+class Curve:
+    steps: np.ndarray  # sorted unique global_step values
+    values: np.ndarray  # the metric at each step (mean of the values logged at the same step)
+    source: str  # "evals.jsonl", "final_eval.json" or "events"
+
+
+def find_runs(roots: list[str]) -> list[Run]:
+    """Every folder under `roots` (or a root itself) holding `config.json`, sorted by path; not searched further."""
+    runs = []
+    for root in roots:
+        if not os.path.isdir(root):
+            raise UsageError(f"{root} is not a folder")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            if "config.json" in filenames:
+                dirnames[:] = []  # a run folder's subfolders (videos) hold no runs
+                config_path = os.path.join(dirpath, "config.json")
+                try:
+                    with open(config_path) as f:
+                        config = json.load(f)
+                except (OSError, ValueError) as exc:
+                    raise UsageError(f"cannot read {config_path}: {exc}") from None
+                if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+                    raise UsageError(f"{config_path} has no `args` object")
+                runs.append(Run(os.path.normpath(dirpath), config))
+    unique = {run.path: run for run in runs}  # overlapping roots find a run twice
+    return sorted(unique.values(), key=lambda r: r.path)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def read_evals(run_path: str) -> list[dict]:
+    """The evaluation records of `evals.jsonl` (a torn or unreadable line is skipped with a warning)."""
+    path = os.path.join(run_path, "evals.jsonl")
+    records = []
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                warn(f"{path}:{lineno} is not a JSON line; skipped")
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def read_scalars(run_path: str, tags: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """TensorBoard scalars `tags` of the run folder as (steps, values), every event file of the folder read in order
+    by TensorBoard's EventAccumulator, which honours `purge_step` (the SessionLog START event of a resumed run drops
+    the earlier files' events at steps >= the purge step). tbparse 0.0.9 reads each file on its own and keeps them."""
+    if not any("tfevents" in name for name in os.listdir(run_path)):
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    tb_logger = logging.getLogger("tensorboard")
+    level = tb_logger.level
+    tb_logger.setLevel(logging.ERROR)  # its notice of every purge is expected here
+    try:
+        accumulator = EventAccumulator(run_path, size_guidance={SCALARS: 0})  # 0: keep every event
+        accumulator.Reload()
+    finally:
+        tb_logger.setLevel(level)
+    available = set(accumulator.Tags().get(SCALARS, []))
+    out = {}
+    for tag in tags & available:
+        events = accumulator.Scalars(tag)
+        out[tag] = (np.array([e.step for e in events], dtype=np.int64), np.array([e.value for e in events], float))
+    return out
+
+
+def make_curve(steps, values, source: str) -> Curve | None:
+    """Sorted unique steps, values at the same step averaged, non-finite values dropped; None if nothing is left."""
+    steps, values = np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=float)
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    if steps.size == 0:
+        return None
+    unique, inverse = np.unique(steps, return_inverse=True)
+    sums = np.bincount(inverse, weights=values, minlength=unique.size)
+    counts = np.bincount(inverse, minlength=unique.size)
+    return Curve(unique, sums / counts, source)
+
+
+def load_curve(run: Run, metric: str, scalars: dict | None = None) -> Curve | None:
+    """The run's curve of `metric`: from evals.jsonl, else final_eval.json, else the TensorBoard events."""
+    points = []
+    for record in read_evals(run.path):
+        step, value = _number(record.get("global_step")), _number(record.get(metric))
+        if step is not None and value is not None:
+            points.append((step, value))
+    if points:
+        return make_curve(*zip(*points, strict=True), source="evals.jsonl")
+    final_path = os.path.join(run.path, "final_eval.json")
+    if os.path.exists(final_path):
+        try:
+            with open(final_path) as f:
+                final = json.load(f)
+        except (OSError, ValueError):
+            final = {}
+        step, value = _number(final.get("global_step")), _number(final.get(metric))
+        if step is not None and value is not None:
+            return make_curve([step], [value], source="final_eval.json")
+    if scalars is None:
+        scalars = read_scalars(run.path, {metric})
+    if metric in scalars:
+        return make_curve(*scalars[metric], source="events")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------- grouping
+def normalise_key(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def select_env(runs: list[Run], env_id: str | None, roots: list[str]) -> tuple[str, list[Run]]:
+    """The runs of `env_id`, or of the only env id present; mixing env ids is an error."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.env_id] = counts.get(run.env_id, 0) + 1
+    found = ", ".join(f"{env} ({n} runs)" for env, n in sorted(counts.items()))
+    if env_id is None:
+        if len(counts) > 1:
+            raise UsageError(f"runs of several env ids found: {found}; choose one with --env-id")
+        return next(iter(counts)), runs
+    selected = [run for run in runs if run.env_id == env_id]
+    if not selected:
+        raise UsageError(f"no runs of env id {env_id} under {', '.join(roots)} (found: {found})")
+    return env_id, selected
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def group_runs(runs: list[Run], keys: list[str]) -> dict[str, list[Run]]:
+    """Groups keyed by a label: the value for one key (`mlp`), `k1=v1, k2=v2` for several; sorted by label. A run
+    lacking a key (e.g. `dihedral_n` for an MLP run) has `-` for it."""
+    keys = [normalise_key(k) for k in keys]
+    allowed = sorted(set().union(*(run.args.keys() for run in runs)))
+    unknown = [k for k in keys if k not in allowed]
+    if unknown:
+        raise UsageError(f"unknown --group-by key {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        values = [format_value(run.args.get(k)) for k in keys]
+        label = values[0] if len(keys) == 1 else ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+        groups.setdefault(label, []).append(run)
+    return dict(sorted(groups.items()))
+
+
+def align(curves: list[Curve], mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values of shape (runs, steps)) on a shared grid. `interpolate`: the union of the runs' steps within
+    [latest first step, earliest last step], each run linearly interpolated; `common`: the steps every run has."""
+    if mode == "common":
+        grid = curves[0].steps
+        for curve in curves[1:]:
+            grid = np.intersect1d(grid, curve.steps)
+    else:
+        lo, hi = max(c.steps[0] for c in curves), min(c.steps[-1] for c in curves)
+        grid = np.unique(np.concatenate([c.steps for c in curves]))
+        grid = grid[(grid >= lo) & (grid <= hi)]
+    if grid.size == 0:
+        return grid, np.empty((len(curves), 0))
+    return grid, np.stack([np.interp(grid, c.steps, c.values) for c in curves])
+
+
+# -------------------------------------------------------------------------------------------------------- statistics
+def interval_estimate(scores: np.ndarray, func, reps: int, seed: int) -> tuple[float, tuple[float, float] | None]:
+    """Point estimate and 95% stratified-bootstrap CI (rliable) of `func` over runs (one task, so the strata are the
+    runs of that task); no CI for a single run."""
+    from rliable import library
+
+    scores = np.asarray(scores, dtype=float).reshape(-1, 1)  # (runs, tasks=1)
+    if scores.shape[0] < 2:
+        return float(func(scores)[0]), None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # arch's notice about `random_state`, which rliable passes
+        points, intervals = library.get_interval_estimates(
+            {"x": scores}, func, reps=reps, random_state=np.random.RandomState(seed)
+        )
+    lo, hi = intervals["x"][:, 0]
+    return float(points["x"][0]), (float(lo), float(hi))
+
+
+def iqm_func(scores: np.ndarray) -> np.ndarray:
+    from rliable import metrics
+
+    return np.array([metrics.aggregate_iqm(scores)])
+
+
+def mean_func(scores: np.ndarray) -> np.ndarray:
+    return np.array([np.mean(scores)])
+
+
+def bootstrap_band(values: np.ndarray, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step 95% percentile bootstrap band of the mean over runs (rows of `values`, shape (runs, steps))."""
+    n, t = values.shape
+    if n < 2:
+        return values[0].copy(), values[0].copy()
+    idx = np.random.default_rng(seed).integers(0, n, size=(reps, n))
+    lo, hi = np.empty(t), np.empty(t)
+    chunk = max(1, BAND_CHUNK // (reps * n))
+    for start in range(0, t, chunk):
+        means = values[:, start : start + chunk][idx].mean(axis=1)  # (reps, chunk)
+        lo[start : start + chunk], hi[start : start + chunk] = np.percentile(means, [2.5, 97.5], axis=0)
+    return lo, hi
+
+
+def steps_to_threshold(grid: np.ndarray, values: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per run: the first grid step at which its value is >= threshold, and whether it got there at all; a run that
+    never does is counted at the last grid step (censored: a mean over such runs is a lower bound)."""
+    hit = values >= threshold
+    reached = hit.any(axis=1)
+    steps = np.where(reached, grid[np.argmax(hit, axis=1)], grid[-1]).astype(float)
+    return steps, reached
+
+
+@dataclass
+class GroupResult:
+    label: str
+    runs: list[str]
+    grid: np.ndarray
+    values: np.ndarray  # (runs, steps)
+    band: tuple[np.ndarray, np.ndarray]
+    finals: np.ndarray
+    iqm: float
+    iqm_ci: tuple[float, float] | None
+    mean: float
+    std: float | None  # sample std (ddof=1); None for one run
+    sps: float | None  # mean over runs of the last `charts/SPS` value; None if no run logged it
+    sps_runs: int = 0
+    threshold_steps: np.ndarray | None = None
+    threshold_reached: np.ndarray | None = None
+    threshold_mean: float | None = None
+    threshold_ci: tuple[float, float] | None = None
+    mean_curve_reaches: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def mean_curve(self) -> np.ndarray:
+        return self.values.mean(axis=0)
+
+
+@dataclass
+class Comparison:
+    env_id: str
+    metric: str
+    group_by: list[str]
+    threshold: float | None
+    align: str
+    reps: int
+    groups: list[GroupResult]
+    sources: dict[str, int]  # where the metric was read: source -> number of runs
+
+
+def compare(args: Args) -> Comparison:
+    """Everything but the output: find, filter, group and align the runs, and compute the statistics."""
+    if not args.run_dirs:
+        raise UsageError("give at least one folder of runs")
+    if args.reps < 1:
+        raise UsageError(f"--reps must be >= 1, got {args.reps}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise UsageError(f"--threshold must be a finite number, got {args.threshold}")
+    runs = find_runs(args.run_dirs)
+    if not runs:
+        raise UsageError(f"no run folders (folders holding config.json) found under {', '.join(args.run_dirs)}")
+    env_id, runs = select_env(runs, args.env_id, args.run_dirs)
+    groups = group_runs(runs, args.group_by)
+
+    curves, sps, missing, sources = {}, {}, [], {}
+    for run in runs:
+        scalars = read_scalars(run.path, {args.metric, "charts/SPS"})
+        curve = load_curve(run, args.metric, scalars)
+        if curve is None:
+            missing.append(run.path)
+            continue
+        curves[run.path] = curve
+        sources[curve.source] = sources.get(curve.source, 0) + 1
+        if "charts/SPS" in scalars:
+            sps[run.path] = float(scalars["charts/SPS"][1][np.argmax(scalars["charts/SPS"][0])])
+    if missing:
+        raise UsageError(f"metric {args.metric} missing in {len(missing)} of {len(runs)} runs: {', '.join(missing)}")
+
+    results = []
+    for label, members in groups.items():
+        paths = [run.path for run in members]
+        unfinished = [run.path for run in members if not run.finished]
+        if unfinished:
+            warn(
+                f"group {label}: {len(unfinished)} run(s) without final_eval.json (unfinished): {', '.join(unfinished)}"
+            )
+        if len(members) == 1:
+            warn(f"group {label} has a single seed: no confidence interval (n/a)")
+        seeds = [run.args.get("seed") for run in members]
+        repeated = sorted({format_value(x) for x in seeds if seeds.count(x) > 1})
+        if repeated:
+            warn(f"group {label}: several runs with seed {', '.join(repeated)} (each counts as one seed)")
+        group_curves = [curves[p] for p in paths]
+        grid, values = align(group_curves, args.align)
+        if grid.size == 0:
+            what = "evaluation step (--align common)" if args.align == "common" else "range of steps"
+            raise UsageError(f"the runs of group {label} share no {what}: {', '.join(paths)}")
+        last_steps = sorted({int(c.steps[-1]) for c in group_curves})
+        if len(last_steps) > 1:
+            warn(f"group {label}: runs end at different steps {last_steps}; final values taken at step {grid[-1]}")
+        finals = values[:, -1]
+        iqm, iqm_ci = interval_estimate(finals, iqm_func, args.reps, args.seed)
+        sps_values = [sps[p] for p in paths if p in sps]
+        result = GroupResult(
+            label=label,
+            runs=paths,
+            grid=grid,
+            values=values,
+            band=bootstrap_band(values, BAND_REPS, args.seed),
+            finals=finals,
+            iqm=iqm,
+            iqm_ci=iqm_ci,
+            mean=float(finals.mean()),
+            std=float(finals.std(ddof=1)) if len(finals) > 1 else None,
+            sps=float(np.mean(sps_values)) if sps_values else None,
+            sps_runs=len(sps_values),
+        )
+        if args.threshold is not None:
+            steps, reached = steps_to_threshold(grid, values, args.threshold)
+            result.threshold_steps, result.threshold_reached = steps, reached
+            result.mean_curve_reaches = bool((result.mean_curve >= args.threshold).any())
+            result.threshold_mean, result.threshold_ci = interval_estimate(steps, mean_func, args.reps, args.seed)
+        results.append(result)
+    keys = [normalise_key(k) for k in args.group_by]
+    return Comparison(env_id, args.metric, keys, args.threshold, args.align, args.reps, results, sources)
+
+
+# ----------------------------------------------------------------------------------------------------------- output
+def fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def fmt_ci(ci: tuple[float, float] | None, fmt_one=fmt) -> str:
+    return "n/a" if ci is None else f"[{fmt_one(ci[0])}, {fmt_one(ci[1])}]"
+
+
+def fmt_steps(x: float) -> str:
+    return f"{round(x):d}"
+
+
+def format_table(comp: Comparison, command: str | None = None) -> str:
+    """The markdown table with its explanatory notes."""
+    header = ["group", "seeds", "final step", "final IQM [95% CI]", "final mean ± std"]
+    if comp.threshold is not None:
+        header.append(f"steps to ≥ {fmt(comp.threshold)} [95% CI]")
+    header.append("steps/s")
+    rows = []
+    for g in comp.groups:
+        std = "n/a" if g.std is None else fmt(g.std)
+        row = [g.label.replace("|", "\\|"), str(g.n), str(int(g.grid[-1])), f"{fmt(g.iqm)} {fmt_ci(g.iqm_ci)}"]
+        row.append(f"{fmt(g.mean)} ± {std}")
+        if comp.threshold is not None:
+            if not g.mean_curve_reaches:
+                cell = "not reached"
+            else:
+                cell = f"{fmt_steps(g.threshold_mean)} {fmt_ci(g.threshold_ci, fmt_steps)}"
+            row.append(f"{cell} ({int(g.threshold_reached.sum())}/{g.n} reached)")
+        row.append("n/a" if g.sps is None else f"{g.sps:.0f}")
+        rows.append(row)
+    lines = [f"## {comp.metric} on {comp.env_id}", ""]
+    if command:
+        lines += [f"Made by `{command}`.", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    sources = ", ".join(f"{src} ({n} run{'s' if n > 1 else ''})" for src, n in sorted(comp.sources.items()))
+    notes = [
+        f"groups: runs with equal `{'`, `'.join(comp.group_by)}`; seeds: runs per group; metric read from {sources}.",
+        "final: the metric at the group's last aligned step (the last step every run of the group reached); "
+        + (
+            "runs' steps aligned by linear interpolation onto the union of their steps within the range all cover."
+            if comp.align == "interpolate"
+            else "runs' steps aligned on the steps they all have."
+        ),
+        "IQM: interquartile mean (25% trimmed mean) over seeds; 95% CI: percentile stratified bootstrap over seeds "
+        f"(rliable, {comp.reps} replications); n/a for a single seed. std: sample standard deviation (ddof=1).",
+    ]
+    if comp.threshold is not None:
+        notes.append(
+            f"steps to ≥ {fmt(comp.threshold)}: per seed the first aligned step with metric ≥ {fmt(comp.threshold)}, "
+            "mean over seeds with a 95% bootstrap CI; a seed that never reaches it counts as the last step (censored, "
+            "so the mean is then a lower bound); `not reached`: the group's mean curve never reaches it."
+        )
+    notes.append(
+        "steps/s: mean over seeds of each run's last `charts/SPS` (env steps per second since the process started, "
+        "updates included; since the resume for a resumed run); n/a without TensorBoard events."
+    )
+    lines += [""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def make_figure(comp: Comparison):
+    """One line per group (mean over seeds) with its 95% bootstrap band over seeds; x in env steps."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    colors = [f"C{i % 10}" for i in range(len(comp.groups))]
+    for g, color in zip(comp.groups, colors, strict=True):
+        marker = "o" if g.grid.size == 1 else None
+        label = f"{g.label} (n={g.n})"
+        ax.plot(g.grid, g.mean_curve, color=color, marker=marker, label=label, gid=f"group {g.label}")
+        if g.n > 1:
+            ax.fill_between(g.grid, g.band[0], g.band[1], color=color, alpha=0.2, linewidth=0)
+    if comp.threshold is not None:
+        ax.axhline(comp.threshold, color="0.5", linestyle=":", linewidth=1, label=f"threshold {fmt(comp.threshold)}")
+    ax.set_title(f"{comp.env_id}: {comp.metric}")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel(comp.metric)
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.grid(alpha=0.3)
+    ax.legend(title="mean, 95% bootstrap CI over seeds", fontsize="small", title_fontsize="small")
+    return fig
+
+
+def output_stem(out: str) -> str:
+    stem, ext = os.path.splitext(out)
+    return stem if ext in (".png", ".svg", ".md") else out
+
+
+def write_outputs(comp: Comparison, out: str, table: str) -> list[str]:
+    """`<out>.png`, `<out>.svg`, `<out>.md`; returns their paths."""
+    import matplotlib
+
+    stem = output_stem(out)
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    fig = make_figure(comp)
+    paths = [stem + ".png", stem + ".svg", stem + ".md"]
+    with matplotlib.rc_context({"svg.hashsalt": "compare_runs"}):  # reproducible SVG ids
+        fig.savefig(paths[0], dpi=150, metadata={"Software": None})
+        fig.savefig(paths[1], metadata={"Date": None, "Creator": None})
+    with open(paths[2], "w") as f:
+        f.write(table)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (one line `error: ...` on stderr)."""
+    args = tyro.cli(Args, args=argv)
+    try:
+        comp = compare(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    command = "python compare_runs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    table = format_table(comp, command)
+    print(table, end="")
+    if args.out:
+        paths = write_outputs(comp, args.out, table)
+        print(f"wrote {', '.join(paths)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""compare_runs.py on synthetic run folders with known curves: table numbers against hand-computed values, one figure
+line per group, TensorBoard purge_step handling, the errors and the single-seed warning."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import compare_runs as cr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = "FetchReachDense-v4"
+FAST = ["--reps", "2000"]
+
+
+def make_run(root, exp_name, seed, steps, values, env_id=ENV, metric="eval/success_rate", finished=True, **args):
+    """A run folder as the scripts write it: config.json, evals.jsonl (one line per step) and final_eval.json."""
+    run_name = f"{env_id}__{exp_name}__{seed}__{1000 + seed}"
+    path = os.path.join(root, run_name)
+    os.makedirs(path)
+    config = {
+        "run_name": run_name,
+        "args": {"exp_name": exp_name, "seed": seed, "env_id": env_id, "total_timesteps": int(steps[-1]), **args},
+        "actor_params": 10,
+        "critic_params": 20,
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    records = [
+        {"eval_idx": i, "global_step": int(s), metric: float(v), "eval/return": -1.0, "eval/extra": [1, 2]}
+        for i, (s, v) in enumerate(zip(steps, values, strict=True))
+    ]
+    with open(os.path.join(path, "evals.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    if finished:
+        with open(os.path.join(path, "final_eval.json"), "w") as f:
+            json.dump({**config, **records[-1]}, f)
+    return path
+
+
+def table_rows(markdown):
+    """The cells of the table's body rows."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def run_main(argv, capsys):
+    rc = cr.main([*argv, *FAST])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+STEPS = [250, 500, 750, 1000]
+
+
+@pytest.fixture
+def eight_and_three(tmp_path):
+    """Group `big`: 8 seeds with final values whose IQM is the mean of the middle four; group `small`: 3 seeds."""
+    finals = [1.0, 0.0, 0.7, 0.5, 1.0, 0.1, 0.8, 0.6]  # sorted: 0 .1 | .5 .6 .7 .8 | 1 1
+    for seed, final in enumerate(finals):
+        make_run(tmp_path, "big", seed, STEPS, [0.0, 0.0, final / 2, final])
+    for seed, final in enumerate([0.2, 0.4, 0.9]):
+        make_run(tmp_path, "small", seed, STEPS, [0.0, 0.1, 0.1, final])
+    return tmp_path
+
+
+def test_table_numbers_match_hand_computed(eight_and_three, tmp_path, capsys):
+    comp = cr.compare(cr.Args(run_dirs=[str(eight_and_three)], reps=2000))
+    big, small = comp.groups
+    assert (big.label, big.n, small.label, small.n) == ("big", 8, "small", 3)
+    assert big.iqm == pytest.approx((0.5 + 0.6 + 0.7 + 0.8) / 4)
+    assert big.mean == pytest.approx(4.7 / 8)
+    assert big.std == pytest.approx(np.std([1.0, 0.0, 0.7, 0.5, 1.0, 0.1, 0.8, 0.6], ddof=1))
+    lo, hi = big.iqm_ci
+    assert 0.0 <= lo < 0.65 < hi <= 1.0
+    # 3 seeds: scipy's trim_mean cuts int(0.25 * 3) = 0 runs per side, so the IQM is the mean
+    assert small.iqm == pytest.approx(0.5)
+    np.testing.assert_allclose(big.mean_curve, [0.0, 0.0, 4.7 / 16, 4.7 / 8])
+    assert big.band[0][-1] < big.mean_curve[-1] < big.band[1][-1]
+    assert big.band[0][0] == big.band[1][0] == 0.0  # every seed at 0: a degenerate band
+
+    rc, out, err = run_main([str(eight_and_three), "--out", str(tmp_path / "fig" / "cmp")], capsys)
+    assert rc == 0
+    cells = table_rows(out)[0]
+    assert cells[:3] == ["big", "8", "1000"]
+    assert cells[3].startswith("0.65 [")
+    assert cells[4] == f"0.5875 ± {big.std:.4g}"
+    assert cells[5] == "n/a"  # no TensorBoard events: no steps/s
+    assert (tmp_path / "fig" / "cmp.md").read_text() == out
+    assert (tmp_path / "fig" / "cmp.png").stat().st_size > 1000
+    assert "warning" not in err
+
+
+def test_threshold_steps(tmp_path, capsys):
+    # group `a`: crosses 0.5 at 500, 750 and never (counted at 1000); mean curve 0 .2 .5 .63 -> reaches 0.5
+    make_run(tmp_path, "a", 1, STEPS, [0.0, 0.6, 0.8, 0.9])
+    make_run(tmp_path, "a", 2, STEPS, [0.0, 0.0, 0.5, 0.7])
+    make_run(tmp_path, "a", 3, STEPS, [0.0, 0.0, 0.2, 0.3])
+    # group `b`: one seed reaches it at 1000, the mean curve never does
+    make_run(tmp_path, "b", 1, STEPS, [0.0, 0.0, 0.0, 0.6])
+    make_run(tmp_path, "b", 2, STEPS, [0.0, 0.0, 0.0, 0.2])
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.5, reps=2000))
+    a, b = comp.groups
+    np.testing.assert_array_equal(a.threshold_steps, [500, 750, 1000])
+    np.testing.assert_array_equal(a.threshold_reached, [True, True, False])
+    assert a.threshold_mean == pytest.approx(750.0)
+    assert 500 <= a.threshold_ci[0] < 750 < a.threshold_ci[1] <= 1000
+    assert a.mean_curve_reaches and not b.mean_curve_reaches
+    np.testing.assert_array_equal(b.threshold_reached, [True, False])
+
+    rc, out, _ = run_main([str(tmp_path), "--threshold", "0.5"], capsys)
+    assert rc == 0
+    assert "| steps to ≥ 0.5 [95% CI] |" in out
+    rows = {cells[0]: cells[5] for cells in table_rows(out)}
+    assert rows["a"].startswith("750 [") and rows["a"].endswith("(2/3 reached)")
+    assert rows["b"] == "not reached (1/2 reached)"
+
+
+def test_equal_threshold_steps_give_a_degenerate_ci(tmp_path):
+    for seed in range(4):
+        make_run(tmp_path, "a", seed, STEPS, [0.0, 1.0, 1.0, 1.0 - seed / 10])
+    (g,) = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.9, reps=2000)).groups
+    assert g.threshold_mean == 500 and g.threshold_ci == (500, 500)
+
+
+def test_alignment_of_different_grids(tmp_path, capsys):
+    make_run(tmp_path, "a", 1, [100, 200, 300, 400], [0.0, 1.0, 2.0, 3.0])
+    unfinished = make_run(tmp_path, "a", 2, [150, 250, 350], [10.0, 20.0, 30.0], finished=False)
+    (g,) = cr.compare(cr.Args(run_dirs=[str(tmp_path)], reps=2000)).groups
+    np.testing.assert_array_equal(g.grid, [150, 200, 250, 300, 350])
+    np.testing.assert_allclose(g.values[0], [0.5, 1.0, 1.5, 2.0, 2.5])
+    np.testing.assert_allclose(g.values[1], [10.0, 15.0, 20.0, 25.0, 30.0])
+    np.testing.assert_allclose(g.finals, [2.5, 30.0])
+    assert capsys.readouterr().err == (
+        f"warning: group a: 1 run(s) without final_eval.json (unfinished): {os.path.normpath(unfinished)}\n"
+        "warning: group a: runs end at different steps [350, 400]; final values taken at step 350\n"
+    )
+    with pytest.raises(cr.UsageError, match="^the runs of group a share no evaluation step \\(--align common\\): "):
+        cr.compare(cr.Args(run_dirs=[str(tmp_path)], align="common", reps=2000))
+    other = tmp_path / "other"
+    make_run(other, "b", 1, [100, 200, 300, 400], [0.0, 1.0, 2.0, 3.0])
+    make_run(other, "b", 2, [100, 300, 400], [0.0, 4.0, 6.0])
+    (g,) = cr.compare(cr.Args(run_dirs=[str(other)], align="common", reps=2000)).groups
+    assert (g.grid.tolist(), g.values.tolist()) == ([100, 300, 400], [[0.0, 2.0, 3.0], [0.0, 4.0, 6.0]])
+    (g,) = cr.compare(cr.Args(run_dirs=[str(other)], reps=2000)).groups
+    assert (g.grid.tolist(), g.values.tolist()) == ([100, 200, 300, 400], [[0, 1, 2, 3], [0, 2, 4, 6]])
+
+
+def test_figure_has_one_line_per_group(eight_and_three, tmp_path):
+    make_run(eight_and_three, "single", 0, STEPS, [0.0, 0.2, 0.4, 0.6])
+    comp = cr.compare(cr.Args(run_dirs=[str(eight_and_three)], threshold=0.5, reps=2000))
+    fig = cr.make_figure(comp)
+    (ax,) = fig.axes
+    lines = [line for line in ax.get_lines() if (line.get_gid() or "").startswith("group ")]
+    assert [line.get_label() for line in lines] == ["big (n=8)", "single (n=1)", "small (n=3)"]
+    assert len(ax.get_lines()) == 4  # and the threshold
+    np.testing.assert_allclose(lines[0].get_ydata(), [0.0, 0.0, 4.7 / 16, 4.7 / 8])
+    np.testing.assert_array_equal(lines[0].get_xdata(), STEPS)
+    assert len(ax.collections) == 2  # bands for the groups with several seeds
+    assert ax.get_title() == f"{ENV}: eval/success_rate"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["big (n=8)", "single (n=1)", "small (n=3)", "threshold 0.5"]
+    paths = cr.write_outputs(comp, str(tmp_path / "out.svg"), "table\n")
+    assert paths == [str(tmp_path / f"out.{ext}") for ext in ("png", "svg", "md")]
+    svg = (tmp_path / "out.svg").read_text()
+    assert [svg.count(f'id="group {label}"') for label in ("big", "single", "small")] == [1, 1, 1]
+
+
+def test_group_by_several_keys_and_env_filter(tmp_path, capsys):
+    for seed in range(2):
+        make_run(tmp_path, "eq", seed, STEPS, [0, 0, 0, 0.5], dihedral_n=4)
+        make_run(tmp_path, "eq", seed + 10, STEPS, [0, 0, 0, 0.7], dihedral_n=8)
+        make_run(tmp_path, "mlp", seed, STEPS, [0, 0, 0, 0.1])
+        make_run(tmp_path, "mlp", seed, STEPS, [0, 0, 0, 0.1], env_id="FetchPushDense-v4")
+    rc, _, err = run_main([str(tmp_path)], capsys)
+    assert rc == 2
+    assert err == (
+        "error: runs of several env ids found: FetchPushDense-v4 (2 runs), FetchReachDense-v4 (6 runs); "
+        "choose one with --env-id\n"
+    )
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], env_id=ENV, group_by=["exp_name", "dihedral-n"], reps=2000))
+    assert [(g.label, g.n, g.mean) for g in comp.groups] == [
+        ("exp_name=eq, dihedral_n=4", 2, 0.5),
+        ("exp_name=eq, dihedral_n=8", 2, 0.7),
+        ("exp_name=mlp, dihedral_n=-", 2, pytest.approx(0.1)),
+    ]
+    rc, _, err = run_main([str(tmp_path), "--env-id", "FetchSlideDense-v4"], capsys)
+    assert rc == 2 and err.startswith("error: no runs of env id FetchSlideDense-v4 under ")
+
+
+def test_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_main([str(empty)], capsys)[1:] == ("", f"error: no run folders (folders holding config.json) found "
+                                                    f"under {empty}\n")  # fmt: skip
+
+    runs = tmp_path / "runs"
+    make_run(runs, "a", 1, STEPS, [0, 0, 0, 1])
+    missing = make_run(runs, "a", 2, STEPS, [0, 0, 0, 1], metric="eval/other")
+    rc, out, err = run_main([str(runs)], capsys)
+    assert rc == 2 and out == ""
+    assert err == f"error: metric eval/success_rate missing in 1 of 2 runs: {os.path.normpath(missing)}\n"
+
+    rc, _, err = run_main([str(runs), "--metric", "eval/other", "--group-by", "exp_name", "nope"], capsys)
+    assert rc == 2
+    assert err == "error: unknown --group-by key nope; allowed: env_id, exp_name, seed, total_timesteps\n"
+
+    rc, _, err = run_main([str(tmp_path / "absent")], capsys)
+    assert rc == 2 and err == f"error: {tmp_path / 'absent'} is not a folder\n"
+
+
+def test_cli_exit_code_and_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "compare_runs.py"), str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == f"error: no run folders (folders holding config.json) found under {tmp_path}\n"
+
+
+def test_single_seed_warning(tmp_path, capsys):
+    make_run(tmp_path, "solo", 1, STEPS, [0.0, 0.1, 0.2, 0.4])
+    make_run(tmp_path, "pair", 1, STEPS, [0.0, 0.1, 0.2, 0.4])
+    make_run(tmp_path, "pair", 2, STEPS, [0.0, 0.1, 0.2, 0.6])
+    rc, out, err = run_main([str(tmp_path)], capsys)
+    assert rc == 0
+    assert err == "warning: group solo has a single seed: no confidence interval (n/a)\n"
+    assert "| solo | 1 | 1000 | 0.4 n/a | 0.4 ± n/a | n/a |" in out
+
+
+def test_unknown_keys_and_partial_metrics(tmp_path):
+    """Keys a run does not know are ignored; a key present in some lines only (e.g. a later held-out evaluation)
+    gives a curve of those lines; a metric only in final_eval.json gives one point."""
+    path = make_run(tmp_path, "a", 1, STEPS, [0.0, 0.1, 0.2, 0.4])
+    with open(os.path.join(path, "evals.jsonl"), "a") as f:
+        f.write(json.dumps({"eval_idx": 4, "global_step": 1000, "heldout/success_rate": 0.3, "note": "x"}) + "\n")
+        f.write('{"eval_idx": 5, "global_st')  # a line torn by a crash
+    with open(os.path.join(path, "final_eval.json")) as f:
+        final = json.load(f)
+    with open(os.path.join(path, "final_eval.json"), "w") as f:
+        json.dump({**final, "final/only": 0.9}, f)
+    run = cr.find_runs([str(tmp_path)])[0]
+    curve = cr.load_curve(run, "eval/success_rate", scalars={})
+    np.testing.assert_array_equal(curve.steps, STEPS)
+    held = cr.load_curve(run, "heldout/success_rate", scalars={})
+    assert (held.steps.tolist(), held.values.tolist(), held.source) == ([1000], [0.3], "evals.jsonl")
+    only = cr.load_curve(run, "final/only", scalars={})
+    assert (only.steps.tolist(), only.values.tolist(), only.source) == ([1000], [0.9], "final_eval.json")
+
+
+def test_tensorboard_metric_honours_purge_step(tmp_path, capsys):
+    """A resumed run: the second event file's purge_step drops the first file's events at steps >= 6."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    paths = [make_run(tmp_path, "a", seed, STEPS, [0, 0, 0, 1]) for seed in (1, 2)]
+    for k, path in enumerate(paths):
+        writer = SummaryWriter(path)
+        for step in range(1, 11):
+            writer.add_scalar("charts/episodic_return", float(step + k), step)
+            writer.add_scalar("charts/SPS", 50.0, step)
+        writer.close()
+        writer = SummaryWriter(path, purge_step=6, filename_suffix=".resumed")
+        for step in range(6, 13):
+            writer.add_scalar("charts/episodic_return", float(100 + step + k), step)
+            writer.add_scalar("charts/SPS", 100.0 + 10 * k, step)
+        writer.close()
+    scalars = cr.read_scalars(paths[0], {"charts/episodic_return", "charts/SPS"})
+    steps, values = scalars["charts/episodic_return"]
+    assert steps.tolist() == list(range(1, 13))
+    assert values.tolist() == [1, 2, 3, 4, 5, 106, 107, 108, 109, 110, 111, 112]
+
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], metric="charts/episodic_return", threshold=108, reps=2000))
+    (g,) = comp.groups
+    assert comp.sources == {"events": 2}
+    np.testing.assert_allclose(g.finals, [112, 113])
+    np.testing.assert_array_equal(g.threshold_steps, [8, 7])
+    assert g.sps == pytest.approx(105.0)  # last charts/SPS of each run: 100 and 110
+    rc, out, _ = run_main([str(tmp_path), "--metric", "charts/episodic_return"], capsys)
+    assert rc == 0 and out.splitlines()[6].endswith("| 105 |")
+
+
+def test_repeated_seed_and_overlapping_folders(tmp_path, capsys):
+    make_run(tmp_path / "first", "a", 1, STEPS, [0.0, 0.1, 0.2, 0.4])
+    make_run(tmp_path / "second", "a", 1, STEPS, [0.0, 0.1, 0.2, 0.6])
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path), str(tmp_path / "first")], reps=2000))
+    assert comp.groups[0].n == 2  # the run under both folders counts once
+    assert capsys.readouterr().err == "warning: group a: several runs with seed 1 (each counts as one seed)\n"
