@@ -52,7 +52,7 @@ from optuna.trial import TrialState
 DEFAULT_JOURNAL = "runs/optuna_journal.log"
 STORAGE_ENV = "OPTUNA_STORAGE_URL"
 STDERR_TAIL_LINES = 50
-KILL_GRACE_S = 5.0
+KILL_GRACE_S = 20.0  # SIGTERM to SIGKILL: a training run finishes its episode and checkpoints (inside Slurm's 30 s)
 MAX_RETRY = 3  # times a trial of a killed or interrupted worker is queued again
 HELP_TIMEOUT_S = 300.0
 
@@ -305,7 +305,7 @@ def check_arguments(script: str, space: dict, fixed_args: list[str], flags: set[
         if flag_of(name) not in flags:
             known = ", ".join(sorted(f[2:].replace("-", "_") for f in flags if f not in ("--help",)))
             raise UsageError(f"param {name!r}: {script} has no flag {flag_of(name)}; its params: {known}")
-    owned_flags = {"--seed", "--exp-name", *(flag_of(name) for name in space)}
+    owned_flags = {"--seed", "--exp-name", "--run-name", *(flag_of(name) for name in space)}
     for arg in fixed_args:
         if arg.split("=", 1)[0] in owned_flags:
             raise UsageError(
@@ -584,19 +584,51 @@ def child_env() -> dict[str, str]:
 class Objective:
     """Runs one trial: samples the space, starts one run per seed, reports and prunes live, returns the mean."""
 
-    def __init__(self, args: Args, fixed_args: list[str], space: dict, gate: Gate, interrupt: Interrupt, env: dict):
+    def __init__(self, args: Args, fixed_args: list[str], space: dict, gate: Gate, interrupt: Interrupt, env: dict,
+                 resumable: bool = False):  # fmt: skip
         self.args, self.fixed_args, self.space = args, fixed_args, space
         self.gate, self.interrupt, self.env = gate, interrupt, env
+        self.resumable = resumable  # the script has --run-name: runs of an interrupted trial resume in its retry
+        self.run_dir = fixed_value(fixed_args, "--run-dir", "runs")
         self.number: int | None = None  # the running (or last) trial
+        self.root: int | None = None  # the trial whose run names it uses: itself, or the first trial it retries
         self.heldout: dict[int, float] = {}  # seed -> the held-out final evaluation's metric, of the running trial
 
     def commands(self, number: int, params: dict) -> list[list[str]]:
-        """One command per seed; `--exp-name` is unique per trial and seed."""
+        """One command per seed; `--exp-name` (and `--run-name`, for a resumable script) is unique per trial and seed.
+        `number` is the trial's root: a retried trial reuses the names of the trial it retries."""
         base = [sys.executable, self.args.script, *self.fixed_args, *param_argv(params)]
-        return [
-            base + ["--seed", str(seed), "--exp-name", f"{self.args.study_name}-t{number}-s{seed}"]
-            for seed in self.args.seeds
-        ]
+        commands = []
+        for seed, name in zip(self.args.seeds, self.run_names(number), strict=True):
+            commands.append(base + ["--seed", str(seed), "--exp-name", name])
+            if self.resumable:
+                commands[-1] += ["--run-name", name]
+        return commands
+
+    def run_names(self, number: int) -> list[str]:
+        return [f"{self.args.study_name}-t{number}-s{seed}" for seed in self.args.seeds]
+
+    def backfill(self, idx: int, first_eval_idx: int | None) -> list[dict]:
+        """The records a resumed run printed in its previous process, before its checkpoint: its evals.jsonl lines
+        with eval_idx below the first one it prints now (the script trims the file on resume), or, for a run that
+        had already ended (`first_eval_idx` None), all of them and its held-out record from final_eval.json."""
+        folder = os.path.join(self.run_dir, self.run_names(self.root)[idx])
+        if not self.resumable or first_eval_idx == 0 or not os.path.exists(os.path.join(folder, "evals.jsonl")):
+            return []
+        with open(os.path.join(folder, "evals.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        if first_eval_idx is not None:
+            return [r for r in records if isinstance(r.get("eval_idx"), int) and r["eval_idx"] < first_eval_idx]
+        if os.path.exists(os.path.join(folder, "final_eval.json")):
+            with open(os.path.join(folder, "final_eval.json")) as f:
+                records.append({k: v for k, v in json.load(f).items() if k.startswith("heldout/")})
+        return records
+
+    def remove_checkpoints(self) -> None:
+        """A trial that ended (complete, pruned or failed) is never resumed: free the disk its checkpoints hold."""
+        for name in self.run_names(self.root) if self.resumable else []:
+            for file in ("checkpoint.pt", "checkpoint.pt.tmp"):
+                Path(self.run_dir, name, file).unlink(missing_ok=True)
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.gate.release()  # the trial exists: other workers may ask now
@@ -604,14 +636,20 @@ class Objective:
         params = suggest(trial, self.space)
         if self.interrupt.signum:
             raise Interrupted(self.interrupt.signum, trial.number)
-        print(f"tuner: trial {trial.number} started: {_fmt(params)} seeds {self.args.seeds}")
-        runs = SeedRuns(self.commands(trial.number, params), self.env)
+        self.root = root_trial(trial)
+        resumes = (
+            f" (retries trial {self.root}: its runs resume from their checkpoints)" if self.root != trial.number else ""
+        )
+        print(f"tuner: trial {trial.number} started: {_fmt(params)} seeds {self.args.seeds}{resumes}")
+        runs = SeedRuns(self.commands(self.root, params), self.env)
         self.interrupt.runs = runs
         try:
             values = self.follow(trial, runs)
         finally:
             self.interrupt.runs = None
             runs.stop()
+            if not self.interrupt.signum:  # an interrupted trial is queued again and its runs resume
+                self.remove_checkpoints()
         if self.interrupt.signum:  # the runs died of our SIGTERM: not the script's failure
             raise Interrupted(self.interrupt.signum, trial.number)
         self.check_runs(trial, runs, values)
@@ -627,8 +665,7 @@ class Objective:
         `eval_idx` once every seed has printed it. Raises TrialPruned; returns early if a run fails or a signal came."""
         values: list[list[float]] = [[] for _ in runs.procs]
         pending: dict[int, dict[int, float]] = collections.defaultdict(dict)
-        heldout_key = heldout_metric(self.args.metric)
-        heldout = self.heldout = {}
+        self.heldout = {}
         open_streams = len(runs.procs)
         while open_streams:
             if self.interrupt.signum:
@@ -642,18 +679,29 @@ class Objective:
                 if runs.procs[idx].wait() != 0:
                     runs.failed_idx = idx
                     break  # a failed seed fails the trial: stop the others now
-                continue
-            if isinstance(record.get(heldout_key), (int, float)):
-                heldout[self.args.seeds[idx]] = float(record[heldout_key])
-            if not isinstance(record.get(self.args.metric), (int, float)):
-                continue
-            values[idx].append(float(record[self.args.metric]))
-            step = record.get("eval_idx")
-            step = step if isinstance(step, int) else len(values[idx]) - 1
-            pending[step][idx] = values[idx][-1]
-            if len(pending[step]) == len(runs.procs):
-                self.report(trial, step, sum(pending.pop(step).values()) / len(runs.procs))
+                records = [] if values[idx] else self.backfill(idx, None)  # a resumed run that had already ended
+            elif isinstance(record.get(self.args.metric), (int, float)) and not values[idx]:
+                records = [*self.backfill(idx, record.get("eval_idx", 0)), record]  # a resumed run's earlier evals
+            else:
+                records = [record]
+            for item in records:
+                self.take(trial, idx, item, values, pending)
         return values
+
+    def take(self, trial: optuna.Trial, idx: int, record: dict, values: list, pending: dict) -> None:
+        """One record of seed `idx`: a held-out value is kept apart; a metric value is appended and, once every seed
+        has it at this `eval_idx`, their mean is reported."""
+        heldout_key = heldout_metric(self.args.metric)
+        if isinstance(record.get(heldout_key), (int, float)):
+            self.heldout[self.args.seeds[idx]] = float(record[heldout_key])
+        if not isinstance(record.get(self.args.metric), (int, float)):
+            return
+        values[idx].append(float(record[self.args.metric]))
+        step = record.get("eval_idx")
+        step = step if isinstance(step, int) else len(values[idx]) - 1
+        pending[step][idx] = values[idx][-1]
+        if len(pending[step]) == len(values):
+            self.report(trial, step, sum(pending.pop(step).values()) / len(values))
 
     def report(self, trial: optuna.Trial, step: int, value: float) -> None:
         """Reports `value` at `step`; raises TrialPruned (the caller kills the runs) if the pruner says so."""
@@ -681,6 +729,23 @@ class Objective:
             trial.set_user_attr("stderr_tail", text)
             print(f"tuner: trial {trial.number} FAILED: {reason}; last lines of its stderr:\n{text}", file=sys.stderr)
             raise ScriptFailed(reason)
+
+
+def root_trial(trial: optuna.Trial) -> int:
+    """The number of the first trial of a retry chain (Optuna's `failed_trial` system attr), else the trial's own."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    return frozen.system_attrs.get("failed_trial", trial.number)
+
+
+def fixed_value(fixed_args: list[str], flag: str, default: str) -> str:
+    """The value of `flag` in the fixed script arguments (`--flag V` or `--flag=V`, the last wins), else `default`."""
+    value = default
+    for i, arg in enumerate(fixed_args):
+        if arg == flag and i + 1 < len(fixed_args):
+            value = fixed_args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def heldout_metric(metric: str) -> str:
@@ -812,13 +877,14 @@ def prepare(args: Args, fixed_args: list[str], interrupt: Interrupt) -> tuple[op
         raise UsageError(f"--seeds {args.seeds}; allowed: one or more distinct integers")
     space = build_space(args.space, args.param, args.script)
     env = child_env()
-    check_arguments(args.script, space, fixed_args, script_flags(args.script, env))
+    flags = script_flags(args.script, env)
+    check_arguments(args.script, space, fixed_args, flags)
     print(f"tuner: storage {mask_url(args.storage)}, study {args.study_name!r}")
     print("tuner: space " + " ".join(f"{name}={spec_of(dist)}" for name, dist in space.items()))
     study = open_study(args, args.storage, study_config(args, fixed_args, space), interrupt)
     lock = StudyLock(args.storage, f"tuner.py:{args.study_name}")
     gate = Gate(lock, args.n_trials, interrupt, args.heartbeat_interval if _is_url(args.storage) else None)
-    return study, Objective(args, fixed_args, space, gate, interrupt, env), gate
+    return study, Objective(args, fixed_args, space, gate, interrupt, env, "--run-name" in flags), gate
 
 
 def main(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -492,5 +493,39 @@ def test_sweep_of_the_real_mlp_script_completes_and_prints_a_rerun_command(tmp_p
     assert all(t.user_attrs["heldout_value"] != t.value for t in trials)
     assert "held-out: heldout/return=" in result.stdout
     run_dirs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
-    assert [d.split("__")[1] for d in run_dirs] == ["mlp-t0-s1", "mlp-t1-s1"]
+    assert run_dirs == ["mlp-t0-s1", "mlp-t1-s1"]  # --run-name: the study, trial and seed
     assert "tuner: rerun: python " in result.stdout and " --policy-lr " in result.stdout
+
+
+def test_an_interrupted_trial_is_retried_and_its_runs_resume_from_their_checkpoints(tmp_path):
+    """A worker stopped by SIGTERM (Slurm's time limit) leaves its runs checkpointed; the retry of its trial, in the
+    next worker, resumes them under the same run names, so a trial longer than one job still ends."""
+    fixed = ["--env-id", "FetchReachDense-v4", "--total-timesteps", "400", "--learning-starts", "100"]
+    fixed += ["--eval-frequency", "100", "--eval-episodes", "2", "--buffer-size", "2000", "--batch-size", "32"]
+    fixed += ["--hidden-sizes", "32", "32", "--checkpoint-frequency", "50", "--final-eval-episodes", "2", "--no-cuda"]
+    args = ["--script", str(ROOT / "sac_fetch_mlp.py"), "--study-name", "res", "--n-trials", "1"]
+    args += ["--param", "policy_lr=loguniform:1e-4,1e-3"]
+    args += ["--pruner", "none", "--", *fixed]
+    run_path = tmp_path / "runs" / "res-t0-s1"
+    worker = start_tuner(tmp_path, *args)
+    wait_until(lambda: len((run_path / "evals.jsonl").read_text().splitlines()) >= 2 if run_path.exists() and
+               (run_path / "evals.jsonl").exists() else False, 180, "two evaluations")  # fmt: skip
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 128 + signal.SIGTERM, err
+    checkpointed = torch.load(run_path / "checkpoint.pt", weights_only=True)["global_step"]
+    assert 200 <= checkpointed < 400
+
+    second = run_tuner(tmp_path, *args, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "tuner: trial 1 started: " in second.stdout and "(retries trial 0: its runs resume" in second.stdout
+    interrupted, retried = journal_study(tmp_path, "res").trials
+    assert (interrupted.state, retried.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert sorted(retried.intermediate_values) == [0, 1, 2, 3]  # the evaluations before the checkpoint included
+    assert set(retried.user_attrs["heldout_values"]) == {"1"}
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == ["res-t0-s1"]  # one run, resumed
+    assert len(list(run_path.glob("events.out.tfevents.*"))) == 2  # two processes wrote it
+    evals = [json.loads(line) for line in (run_path / "evals.jsonl").read_text().splitlines()]
+    assert [(r["eval_idx"], r["global_step"]) for r in evals] == [(0, 100), (1, 200), (2, 300), (3, 400)]
+    assert retried.value == evals[-1]["eval/success_rate"]
+    assert not (run_path / "checkpoint.pt").exists()  # an ended trial keeps no checkpoint
