@@ -591,12 +591,12 @@ class Objective:
         self.resumable = resumable  # the script has --run-name: runs of an interrupted trial resume in its retry
         self.run_dir = fixed_value(fixed_args, "--run-dir", "runs")
         self.number: int | None = None  # the running (or last) trial
-        self.root: int | None = None  # the trial whose run names it uses: itself, or the first trial it retries
+        self.root: int | None = None  # the trial whose run names it uses: itself or (resumable) the first it retries
         self.heldout: dict[int, float] = {}  # seed -> the held-out final evaluation's metric, of the running trial
 
     def commands(self, number: int, params: dict) -> list[list[str]]:
         """One command per seed; `--exp-name` (and `--run-name`, for a resumable script) is unique per trial and seed.
-        `number` is the trial's root: a retried trial reuses the names of the trial it retries."""
+        For a resumable script `number` is the trial's root: a retry reuses the names of the trial it retries."""
         base = [sys.executable, self.args.script, *self.fixed_args, *param_argv(params)]
         commands = []
         for seed, name in zip(self.args.seeds, self.run_names(number), strict=True):
@@ -636,10 +636,8 @@ class Objective:
         params = suggest(trial, self.space)
         if self.interrupt.signum:
             raise Interrupted(self.interrupt.signum, trial.number)
-        self.root = root_trial(trial)
-        resumes = (
-            f" (retries trial {self.root}: its runs resume from their checkpoints)" if self.root != trial.number else ""
-        )
+        self.root = root_trial(trial) if self.resumable else trial.number
+        resumes = f" (retries trial {self.root}: its runs resume from their checkpoints)" * (self.root != trial.number)
         print(f"tuner: trial {trial.number} started: {_fmt(params)} seeds {self.args.seeds}{resumes}")
         runs = SeedRuns(self.commands(self.root, params), self.env)
         self.interrupt.runs = runs
