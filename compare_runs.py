@@ -115,6 +115,17 @@ def _number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def read_heldout(run: Run, metric: str) -> float | None:
+    """The run's held-out final evaluation of `metric` (`eval/x` -> `heldout/x` in final_eval.json), if it has one."""
+    if not metric.startswith("eval/"):
+        return None
+    try:
+        with open(os.path.join(run.path, "final_eval.json")) as f:
+            return _number(json.load(f).get("heldout/" + metric[len("eval/") :]))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def read_evals(run_path: str) -> list[dict]:
     """The evaluation records of `evals.jsonl` (a torn or unreadable line is skipped with a warning)."""
     path = os.path.join(run_path, "evals.jsonl")
@@ -322,6 +333,9 @@ class GroupResult:
     std: float | None  # sample std (ddof=1); None for one run
     sps: float | None  # mean over runs of the last `charts/SPS` value; None if no run logged it
     sps_runs: int = 0
+    heldout: np.ndarray | None = None  # per run, when every run of the group has a held-out final evaluation
+    heldout_iqm: float | None = None
+    heldout_ci: tuple[float, float] | None = None
     threshold_steps: np.ndarray | None = None
     threshold_reached: np.ndarray | None = None
     threshold_mean: float | None = None
@@ -416,6 +430,10 @@ def compare(args: Args) -> Comparison:
             sps=float(np.mean(sps_values)) if sps_values else None,
             sps_runs=len(sps_values),
         )
+        heldout = [read_heldout(run, args.metric) for run in members]
+        if all(value is not None for value in heldout):
+            result.heldout = np.array(heldout)
+            result.heldout_iqm, result.heldout_ci = interval_estimate(result.heldout, iqm_func, args.reps, args.seed)
         if args.threshold is not None:
             steps, reached = steps_to_threshold(grid, values, args.threshold)
             result.threshold_steps, result.threshold_reached = steps, reached
@@ -442,6 +460,9 @@ def fmt_steps(x: float) -> str:
 def format_table(comp: Comparison, command: str | None = None) -> str:
     """The markdown table with its explanatory notes."""
     header = ["group", "seeds", "final step", "final IQM [95% CI]", "final mean ± std"]
+    heldout = any(g.heldout is not None for g in comp.groups)
+    if heldout:
+        header.append("held-out IQM [95% CI]")
     if comp.threshold is not None:
         header.append(f"steps to ≥ {fmt(comp.threshold)} [95% CI]")
     header.append("steps/s")
@@ -450,6 +471,8 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
         std = "n/a" if g.std is None else fmt(g.std)
         row = [g.label.replace("|", "\\|"), str(g.n), str(int(g.grid[-1])), f"{fmt(g.iqm)} {fmt_ci(g.iqm_ci)}"]
         row.append(f"{fmt(g.mean)} ± {std}")
+        if heldout:
+            row.append("n/a" if g.heldout is None else f"{fmt(g.heldout_iqm)} {fmt_ci(g.heldout_ci)}")
         if comp.threshold is not None:
             if not g.mean_curve_reaches:
                 cell = "not reached"
@@ -476,6 +499,12 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
         "IQM: interquartile mean (25% trimmed mean) over seeds; 95% CI: percentile stratified bootstrap over seeds "
         f"(rliable, {comp.reps} replications); n/a for a single seed. std: sample standard deviation (ddof=1).",
     ]
+    if heldout:
+        notes.append(
+            f"held-out: the runs' held-out final evaluation (`heldout/{comp.metric.split('/', 1)[-1]}` in "
+            "final_eval.json: `--final-eval-episodes` episodes from initial states no periodic evaluation uses), IQM "
+            "over seeds with its CI; the number to report when hyperparameters were selected on the periodic ones."
+        )
     if comp.threshold is not None:
         notes.append(
             f"steps to ≥ {fmt(comp.threshold)}: per seed the first aligned step with metric ≥ {fmt(comp.threshold)}, "

@@ -16,7 +16,8 @@ ENV = "FetchReachDense-v4"
 FAST = ["--reps", "2000"]
 
 
-def make_run(root, exp_name, seed, steps, values, env_id=ENV, metric="eval/success_rate", finished=True, **args):
+def make_run(root, exp_name, seed, steps, values, env_id=ENV, metric="eval/success_rate", finished=True, heldout=None,
+             **args):  # fmt: skip
     """A run folder as the scripts write it: config.json, evals.jsonl (one line per step) and final_eval.json."""
     run_name = f"{env_id}__{exp_name}__{seed}__{1000 + seed}"
     path = os.path.join(root, run_name)
@@ -36,8 +37,9 @@ def make_run(root, exp_name, seed, steps, values, env_id=ENV, metric="eval/succe
     with open(os.path.join(path, "evals.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     if finished:
+        extra = {} if heldout is None else {metric.replace("eval/", "heldout/"): heldout, "heldout/episodes": 100}
         with open(os.path.join(path, "final_eval.json"), "w") as f:
-            json.dump({**config, **records[-1]}, f)
+            json.dump({**config, **records[-1], **extra}, f)
     return path
 
 
@@ -288,3 +290,19 @@ def test_repeated_seed_and_overlapping_folders(tmp_path, capsys):
     comp = cr.compare(cr.Args(run_dirs=[str(tmp_path), str(tmp_path / "first")], reps=2000))
     assert comp.groups[0].n == 2  # the run under both folders counts once
     assert capsys.readouterr().err == "warning: group a: several runs with seed 1 (each counts as one seed)\n"
+
+
+def test_heldout_final_evaluation_gets_its_own_iqm_column_apart_from_the_periodic_one(tmp_path, capsys):
+    heldout = [0.9, 0.1, 0.5, 0.6, 0.7, 0.3, 0.8, 0.2]  # sorted: .1 .2 | .3 .5 .6 .7 | .8 .9
+    for seed, value in enumerate(heldout):
+        make_run(tmp_path, "tuned", seed, STEPS, [0.0, 0.2, 0.6, 1.0], heldout=value)
+    make_run(tmp_path, "old", 0, STEPS, [0.0, 0.1, 0.2, 0.3])  # written before held-out evaluations existed
+    make_run(tmp_path, "old", 1, STEPS, [0.0, 0.1, 0.2, 0.5])
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], reps=2000))
+    old, tuned = comp.groups
+    assert tuned.iqm == pytest.approx(1.0) and tuned.heldout_iqm == pytest.approx((0.3 + 0.5 + 0.6 + 0.7) / 4)
+    assert old.heldout is None
+    rc, out, _ = run_main([str(tmp_path)], capsys)
+    assert rc == 0 and "| held-out IQM [95% CI] |" in out
+    rows = {row[0]: row for row in table_rows(out)}
+    assert rows["tuned"][5].startswith("0.525 [") and rows["old"][5] == "n/a"
