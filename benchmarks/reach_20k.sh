@@ -16,5 +16,6 @@ python - "$out" <<'PY'
 import glob, json, sys
 for path in sorted(glob.glob(f"{sys.argv[1]}/*/final_eval.json")):
     r = json.load(open(path))
-    print(f'{r["args"]["exp_name"]:24s} seed {r["args"]["seed"]}: success {r["eval/success_rate"]:.2f} return {r["eval/return"]:.2f}')
+    print(f'{r["args"]["exp_name"]:24s} seed {r["args"]["seed"]}: success {r["eval/success_rate"]:.2f} return {r["eval/return"]:.2f}'
+          f' held-out success {r.get("heldout/success_rate", float("nan")):.2f} return {r.get("heldout/return", float("nan")):.2f}')
 PY
