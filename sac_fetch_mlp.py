@@ -951,7 +951,6 @@ def main(args: Args) -> int:
         print(f"[{args.run_name}] resuming from global_step {loop.global_step} (eval_idx {loop.eval_idx})",
               file=sys.stderr, flush=True)  # fmt: skip
     del saved  # the checkpoint's copy of the replay buffer
-    eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
     if args.track:
         import wandb
 
