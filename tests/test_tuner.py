@@ -156,7 +156,8 @@ def test_param_alone_tunes_exactly_those_dimensions_and_space_plus_param_merges(
 
 def test_child_env_drops_the_storage_variables_by_name_and_keeps_path(monkeypatch):
     password = "a1"  # short enough to occur in PATH or HOME by chance
-    monkeypatch.setenv("OPTUNA_STORAGE_URL", f"postgresql+psycopg://u:{password}@127.0.0.1/db")
+    url = sqlalchemy.engine.URL.create("postgresql+psycopg", username="u", password=password, host="127.0.0.1")
+    monkeypatch.setenv("OPTUNA_STORAGE_URL", url.render_as_string(hide_password=False))
     monkeypatch.setenv("PGPASSWORD", password)
     monkeypatch.setenv("PATH", f"/opt/{password}/bin:" + os.environ["PATH"])
     env = tuner.child_env()
