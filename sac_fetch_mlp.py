@@ -603,12 +603,13 @@ def evaluate(actor, eval_envs, seed: int, device, episodes: int | None = None, p
     undiscounted return}.
     """
     episodes = episodes or eval_envs.num_envs
+    episode_length = eval_envs.get_attr("spec")[0].max_episode_steps
     successes, returns = [], []
     actor.eval()  # escnn caches its expanded weights in eval mode; train() below drops the cache again
     for batch_seed in range(seed, seed + episodes, eval_envs.num_envs):
         obs, _ = eval_envs.reset(seed=batch_seed)
         batch_returns = np.zeros(eval_envs.num_envs)
-        for _ in range(eval_envs.get_attr("spec")[0].max_episode_steps):
+        for _ in range(episode_length):
             mean, _ = actor(obs_tensor(obs, device))
             obs, rewards, _, _, infos = eval_envs.step(squash(mean).cpu().numpy())
             batch_returns += rewards

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 import warnings
 
 import gymnasium as gym
@@ -31,3 +32,11 @@ def mlp():
     import sac_fetch_mlp
 
     return sac_fetch_mlp
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll `condition()` every `poll` s; fail the test naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(poll)

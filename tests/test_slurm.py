@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import wait_until
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -121,13 +122,6 @@ def wait_for_jobs(job_id: str, timeout: float = JOB_TIMEOUT_S) -> list[dict[str,
             return records
         assert time.monotonic() < deadline, f"job {job_id} still queued after {timeout} s: {records}"
         time.sleep(0.5)
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
 
 
 def pids_with(text: str) -> list[int]:
