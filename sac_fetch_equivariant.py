@@ -81,6 +81,9 @@ class Args:
     """the replay memory size in transitions (stored as whole episodes)"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
+    bf16: bool = False
+    """if toggled, the update's network passes run under bfloat16 autocast (CPUs with AVX512-BF16, GPUs); weights,
+    optimizer states and losses stay float32 (off: the float32 algorithm)"""
     gamma: float = 0.98
     """the discount factor gamma"""
     tau: float = 0.005
@@ -333,28 +336,224 @@ def validate_network_args(args: Args) -> None:
         raise ValueError(f"--reg-rep-n must be >= 1, got {args.reg_rep_n}")
 
 
-class SoftQNetwork(torch.nn.Module):
-    """Invariant Q(s, a): typed observation and action fields -> regular hidden layers -> group pooling -> Q.
+def exact_zeros(t: torch.Tensor) -> torch.Tensor:
+    """Zero the entries below 1e-9 in magnitude: rounding noise of exact zeros (cos(pi / 2) = 6e-17), which would
+    otherwise make denormal numbers in the products and slow the CPU down by up to 10x."""
+    return torch.where(t.abs() < 1e-9, 0.0, t)
 
-    Input x: (batch, fields_dim(obs_fields)), a: (batch, 4). Output: (batch, 1), invariant under D_N.
+
+class RegularFourier(torch.nn.Module):
+    """The fast path's constants: D_N's regular representation in its irreducible (Fourier) basis.
+
+    escnn writes rho_reg(g) = Q (direct sum of irreps psi(g)) Q^-1. Every irrep of D_N is 1-d or 2-d and absolutely
+    irreducible, and rho_reg holds each irrep psi d_psi times, so by Schur's lemma an equivariant linear map between k
+    regular fields is, in this basis, one (k d_psi) x (k d_psi) matrix per irrep acting on the irrep's copies, times the
+    identity on the irrep's space: (n1 + 8 n2) k^2 multiply-adds per sample instead of (2N k)^2 for the dense matrix
+    (D_8: 28 k^2 against 256 k^2), plus two transforms of 2 (2N)^2 k. Coordinates are reordered so that each irrep
+    is one batched matrix product: the n1 1-d irreps first, then each 2-d irrep as (component c, copy b) pairs.
+
+    Buffers (not in state_dict: they follow from N): `to_fourier` (|G|, |G|) = Q^-1 with permuted rows,
+    `from_fourier` its inverse, and their 1-d (`...1`) and 2-d (`...2`) irreps' rows / columns. See Cohen and Welling
+    2016, "Group Equivariant Convolutional Networks", and escnn
+    (Cesa, Lang and Weiler 2022), which stays the definition of every layer.
+    """
+
+    def __init__(self, G: group.DihedralGroup):
+        super().__init__()
+        reg = G.regular_representation
+        copies, position = {}, 0  # irrep id -> its copies' coordinate indices, in escnn's order
+        for irrep_id in reg.irreps:
+            size = G.irrep(*irrep_id).size
+            copies.setdefault(irrep_id, []).append(list(range(position, position + size)))
+            position += size
+        one_d = [c[0][0] for c in copies.values() if len(c[0]) == 1]
+        two_d = [c[b][i] for c in copies.values() if len(c[0]) == 2 for i in range(2) for b in range(2)]
+        self.order, self.n1, self.n2 = G.order(), len(one_d), len(two_d) // 4
+        to_fourier = exact_zeros(torch.as_tensor(reg.change_of_basis_inv[one_d + two_d], dtype=torch.float64))
+        from_fourier = exact_zeros(torch.linalg.inv(to_fourier))
+        n1 = self.n1
+        parts = {"to_fourier": to_fourier, "to_fourier1": to_fourier[:n1], "to_fourier2": to_fourier[n1:],
+                 "from_fourier": from_fourier, "from_fourier1": from_fourier[:, :n1],
+                 "from_fourier2": from_fourier[:, n1:]}  # fmt: skip
+        for name, value in parts.items():
+            self.register_buffer(name, value.float().contiguous(), persistent=False)
+
+    def block_basis(self, layer: enn.Linear) -> torch.Tensor:
+        """(|G|, |G|) matrix T such that a k -> k regular `layer`'s Fourier blocks are weights.view(k, k, |G|) @ T:
+        column r < n1 holds 1-d irrep r's entry, column n1 + 4 r + 2 a + b the (copy a, copy b) entry of 2-d irrep r.
+
+        escnn orders a layer's weights as (out field, in field, basis element), with one basis for every pair of
+        regular fields: it is probed here on a one-field layer, one unit weight vector at a time."""
+        one_field = enn.FieldType(layer.in_type.gspace, layer.in_type.representations[:1])
+        probe = enn.Linear(one_field, one_field, bias=False)
+        size = probe.basisexpansion.dimension()
+        with torch.no_grad():
+            basis = torch.stack([probe.basisexpansion(e).reshape(self.order, self.order) for e in torch.eye(size)])
+            basis = exact_zeros(self.to_fourier @ basis @ self.from_fourier)  # (basis, F, F)
+        n1 = self.n1
+        two_d = [basis[:, n1 + 4 * r + a, n1 + 4 * r + b] for r in range(self.n2) for a in range(2) for b in range(2)]
+        return torch.cat([basis[:, range(n1), range(n1)], *[t.unsqueeze(1) for t in two_d]], 1)
+
+
+def expansion_map(layer: enn.Linear, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """escnn's weight expansion of `layer` as a sparse linear map, with the matrix's rows and columns permuted by
+    `rows` and `cols`: matrix.flatten() = sum_t layer.weights[index[t]] * coef[t], index and coef (K, out * in), K the
+    most parameters one matrix entry depends on.
+
+    Probed from escnn's own expansion: the parameters that differ only in their output field touch disjoint rows, so
+    each probe sets one such group to 1 and attributes every nonzero entry by its row's field."""
+    size, shape = layer.basisexpansion.dimension(), (layer.out_type.size, layer.in_type.size)
+    groups = {}
+    for info in layer.basisexpansion.get_basis_info():
+        key = (info["in_field_position"], info["block_id"], info["in_repr"], info["out_repr"])
+        groups.setdefault(key, {})[info["out_field_position"]] = info["id"]
+    field_of_row = torch.repeat_interleave(torch.tensor([r.size for r in layer.out_type.representations]))[rows]
+    entries, params, values = [], [], []
+    with torch.no_grad():
+        for by_field in groups.values():
+            weights, param_of_field = torch.zeros(size), torch.zeros(len(layer.out_type), dtype=torch.long)
+            weights[list(by_field.values())] = 1.0
+            param_of_field[list(by_field)] = torch.tensor(list(by_field.values()))
+            matrix = exact_zeros(layer.basisexpansion(weights).reshape(shape)[rows][:, cols])
+            row, col = matrix.nonzero(as_tuple=True)
+            entries.append(row * shape[1] + col), params.append(param_of_field[field_of_row[row]])
+            values.append(matrix[row, col])
+    entries, params, values = torch.cat(entries), torch.cat(params), torch.cat(values)
+    counts = torch.bincount(entries, minlength=shape[0] * shape[1])
+    order = torch.argsort(entries, stable=True)
+    entries, params, values = entries[order], params[order], values[order]
+    slot = torch.arange(len(entries)) - (torch.cumsum(counts, 0) - counts)[entries]
+    index = torch.zeros(int(counts.max()), shape[0] * shape[1], dtype=torch.long)
+    coef = torch.zeros(index.shape)
+    index[slot, entries], coef[slot, entries] = params, values
+    return index, coef
+
+
+def expand(weights: torch.Tensor, index: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """The sparse linear map of `expansion_map`: (P,) parameters -> (out * in,) matrix entries."""
+    out = weights.index_select(0, index[0]) * coef[0]
+    for t in range(1, len(index)):
+        out = torch.addcmul(out, weights.index_select(0, index[t]), coef[t])
+    return out
+
+
+class RegularMLPWeights(torch.nn.Module):
+    """A `regular_mlp` network's weights in the fast path's form, computed from escnn's parameters at each call,
+    differentiably (gradients reach escnn's `weights` and `bias`); no escnn code runs on this hot path.
+
+    Hidden channels are ordered (group element, field): escnn's (field, group element) transposed. Calling it returns
+    [W1 (|G| k, in), b1 (|G| k, 1), M1 (n1, k, k), c1 (n1, k, 1), M2 (n2, 2k, 2k), W3 (out, |G| k or k), b3 (out, 1)].
+    """
+
+    def __init__(self, first: enn.Linear, hidden: enn.Linear, head: enn.Linear, fourier: RegularFourier):
+        super().__init__()
+        self.escnn_layers = (first, hidden, head)  # a tuple: their owner registers them
+        order, n1, n2 = fourier.order, fourier.n1, fourier.n2
+        self.k = k = hidden.in_type.size // order
+        group_major = torch.arange(order * k).view(k, order).T.flatten()  # position (g, j) <- escnn's j * |G| + g
+        head_cols = group_major if head.in_type.size == order * k else torch.arange(head.in_type.size)
+        index1, coef1 = expansion_map(first, group_major, torch.arange(first.in_type.size))
+        index3, coef3 = expansion_map(head, torch.arange(head.out_type.size), head_cols)
+        hidden_bias = fourier.to_fourier[:n1] @ hidden.bias_expansion.view(k, order, -1).transpose(0, 1).flatten(1)
+        constants = {"index1": index1, "coef1": coef1, "bias1": first.bias_expansion[group_major],
+                     "blocks": fourier.block_basis(hidden), "bias2": hidden_bias.view(n1, k, -1),
+                     "index3": index3, "coef3": coef3, "bias3": head.bias_expansion}  # fmt: skip
+        for name, value in constants.items():
+            self.register_buffer(name, value, persistent=False)
+        self.n1, self.n2 = n1, n2
+
+    def forward(self) -> list:
+        (first, hidden, head), k, n1, n2 = self.escnn_layers, self.k, self.n1, self.n2
+        w1 = expand(first.weights, self.index1, self.coef1).view(len(self.bias1), -1)
+        blocks = hidden.weights.view(k, k, -1) @ self.blocks  # (out field i, in field j, Fourier coordinate)
+        m1 = blocks[..., :n1].permute(2, 0, 1)
+        m2 = blocks[..., n1:].reshape(k, k, n2, 2, 2).permute(2, 3, 0, 4, 1).reshape(n2, 2 * k, 2 * k)
+        w3 = expand(head.weights, self.index3, self.coef3).view(len(self.bias3), -1)
+        return [w1, (self.bias1 @ first.bias).unsqueeze(1), m1, (self.bias2 @ hidden.bias).unsqueeze(2), m2, w3,
+                (self.bias3 @ head.bias).unsqueeze(1)]  # fmt: skip
+
+
+def regular_hidden(weights: list, fourier: RegularFourier, x: torch.Tensor) -> torch.Tensor:
+    """Both hidden layers of E networks whose `RegularMLPWeights` are stacked on dim 0: x (batch, in) -> ReLU
+    activations (E, |G|, k, batch). Layer 1 is one dense product; layer 2 transforms each field to the Fourier basis,
+    applies the irrep blocks and transforms back, so that ReLU acts pointwise on group elements, as escnn's does.
+    """
+    w1, b1, m1, c1, m2 = weights[:5]
+    n1, n2, order, k = fourier.n1, fourier.n2, fourier.order, m1.shape[-1]
+    ensemble, batch = w1.shape[0], x.shape[0]
+    h = torch.relu_(torch.baddbmm(b1, w1, x.T.expand(ensemble, -1, -1))).view(ensemble, order, k * batch)
+    f1 = (fourier.to_fourier1 @ h).view(ensemble, n1, k, batch)  # per field, group -> Fourier: 1-d irreps
+    y = fourier.from_fourier1 @ (m1 @ f1 + c1).view(ensemble, n1, k * batch)
+    if n2:  # 2-d irreps: for each irrep and component c, (copy a, field i) <- (copy b, field j)
+        f2 = (fourier.to_fourier2 @ h).view(ensemble, n2, 2, 2 * k, batch)
+        y = y + fourier.from_fourier2 @ (m2.unsqueeze(2) @ f2).view(ensemble, 4 * n2, k * batch)
+    return torch.relu_(y).view(ensemble, order, k, batch)
+
+
+class GroupMaxPool(torch.autograd.Function):
+    """Group pooling (escnn's `GroupPooling`): (E, |G|, k, batch) -> (E, k, batch), the max over the group elements.
+
+    The gradient goes to the first maximal element, as with torch.max (escnn); computed with a mask, not with
+    `amax`'s backward or an argmax, both about 8x slower on CPU. Ties at 0 (ReLU's) need no tie-break: ReLU passes
+    them no gradient."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        pooled = h.amax(1)
+        ctx.save_for_backward(h, pooled)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        h, pooled = ctx.saved_tensors
+        mask = h >= pooled.unsqueeze(1)
+        if ((mask.sum(1) > 1) & (pooled > 0)).any():  # a positive tie: keep the first maximal element only
+            mask &= mask.cumsum(1) == 1
+        return mask * grad.unsqueeze(1)
+
+
+class SoftQNetworks(torch.nn.Module):
+    """The two invariant critics Q1, Q2, evaluated together: typed observation and action fields -> regular hidden
+    layers -> group pooling -> Q. escnn modules `qf1`, `qf2` define them and hold the parameters; `forward` is the
+    fast path (`RegularMLPWeights`, `regular_hidden`), `reference_forward` escnn's own evaluation, the tests' reference.
+
+    Input x: (batch, fields_dim(obs_fields)), a: (batch, 4). Output: (2, batch, 1), invariant under D_N.
     """
 
     def __init__(self, obs_fields, args: Args):
         super().__init__()
         gspace, hidden_type = network_setup(args)
         self.in_type = field_type(gspace, tuple(obs_fields) + ACTION_FIELDS)
-        pool = enn.GroupPooling(hidden_type)  # (batch, |G| * reg_rep_n) -> (batch, reg_rep_n) invariant
-        head = enn.Linear(pool.out_type, enn.FieldType(gspace, [gspace.trivial_repr]))
-        self.net = enn.SequentialModule(*regular_mlp(self.in_type, hidden_type), pool, head)
-        self.train()  # escnn builds an expanded-weight cache at construction; train() drops it (see soft_update)
+        for name in ("qf1", "qf2"):
+            pool = enn.GroupPooling(hidden_type)  # (batch, |G| * reg_rep_n) -> (batch, reg_rep_n) invariant
+            head = enn.Linear(pool.out_type, enn.FieldType(gspace, [gspace.trivial_repr]))
+            setattr(self, name, enn.SequentialModule(*regular_mlp(self.in_type, hidden_type), pool, head))
+        self.train()  # escnn builds an expanded-weight cache at construction; train() drops it: state_dict = parameters
+        self.fourier = RegularFourier(gspace.fibergroup)
+        self.weights1 = RegularMLPWeights(self.qf1[0], self.qf1[2], self.qf1[5], self.fourier)
+        self.weights2 = RegularMLPWeights(self.qf2[0], self.qf2[2], self.qf2[5], self.fourier)
+
+    def dense_weights(self) -> list:
+        """Both critics' `RegularMLPWeights`, stacked on dim 0."""
+        return [torch.stack(pair) for pair in zip(self.weights1(), self.weights2(), strict=True)]
 
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return self.net(self.in_type(torch.cat([x, a], 1))).tensor
+        return self.forward_with(self.dense_weights(), x, a)
+
+    def forward_with(self, weights: list, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Q-values (2, batch, 1) from `dense_weights()`-shaped weights (the target critics' too)."""
+        h = regular_hidden(weights, self.fourier, torch.cat([x, a], 1))
+        return torch.baddbmm(weights[6], weights[5], GroupMaxPool.apply(h)).transpose(1, 2)
+
+    def reference_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        inputs = self.in_type(torch.cat([x, a], 1))
+        return torch.stack([self.qf1(inputs).tensor, self.qf2(inputs).tensor])
 
 
 class Actor(torch.nn.Module):
     """Equivariant Gaussian policy head: (dx, dy) mean as a planar vector, dz and gripper means invariant, log-std
-    invariant with sigma_x = sigma_y (an isotropic xy Gaussian commutes with rotations and the mirror).
+    invariant with sigma_x = sigma_y (an isotropic xy Gaussian commutes with rotations and the mirror). escnn's
+    `net` defines it and holds the parameters; `forward` is the fast path, `reference_forward` the reference.
 
     Input x: (batch, fields_dim(obs_fields)). Output: mean (batch, 4), unbounded log_std (batch, 4).
     """
@@ -367,9 +566,20 @@ class Actor(torch.nn.Module):
         out_type = field_type(gspace, out_fields)
         self.net = enn.SequentialModule(*regular_mlp(self.in_type, hidden_type), enn.Linear(hidden_type, out_type))
         self.train()  # drop escnn's construction-time weight cache: state_dict holds parameters only
+        self.fourier = RegularFourier(gspace.fibergroup)
+        self.weights = RegularMLPWeights(self.net[0], self.net[2], self.net[4], self.fourier)
 
     def forward(self, x: torch.Tensor):
-        out = self.net(self.in_type(x)).tensor  # (batch, 7): mean_xy 2, mean_z, mean_gripper, log_std xy, z, gripper
+        weights = [w.unsqueeze(0) for w in self.weights()]
+        h = regular_hidden(weights, self.fourier, x)
+        out = torch.baddbmm(weights[6], weights[5], h.view(1, -1, x.shape[0]))[0].T.contiguous()
+        return self._split(out)  # (batch, 7): mean_xy 2, mean_z, mean_gripper, log_std xy, z, gripper
+
+    def reference_forward(self, x: torch.Tensor):
+        return self._split(self.net(self.in_type(x)).tensor)
+
+    @staticmethod
+    def _split(out: torch.Tensor):
         return out[:, :4], out[:, [4, 4, 5, 6]]
 
 
@@ -419,7 +629,7 @@ def get_action(actor: torch.nn.Module, x: torch.Tensor, noise: torch.Tensor | No
     Returns:
         action (batch, 4), log_prob (batch, 1) in nats, deterministic action squash(mean) (batch, 4).
     """
-    mean, log_std = actor(x)
+    mean, log_std = (out.float() for out in actor(x))  # float32 under --bf16 autocast too
     log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
     std = log_std.exp()
     if noise is None:
@@ -656,7 +866,6 @@ def evaluate(actor, eval_envs, seed: int, device, episodes: int | None = None, p
     episodes = episodes or eval_envs.num_envs
     episode_length = eval_envs.get_attr("spec")[0].max_episode_steps
     successes, returns = [], []
-    actor.eval()  # escnn caches its expanded weights in eval mode; train() below drops the cache again
     for batch_seed in range(seed, seed + episodes, eval_envs.num_envs):
         obs, _ = eval_envs.reset(seed=batch_seed)
         batch_returns = np.zeros(eval_envs.num_envs)
@@ -666,7 +875,6 @@ def evaluate(actor, eval_envs, seed: int, device, episodes: int | None = None, p
             batch_returns += rewards
         successes.extend(infos["is_success"])
         returns.extend(batch_returns)
-    actor.train()
     return {
         f"{prefix}/success_rate": float(np.mean(successes[:episodes], dtype=np.float64)),
         f"{prefix}/return": float(np.mean(returns[:episodes])),
@@ -880,16 +1088,17 @@ class Progress:
 def sac_update(batch: ReplayBatch, nets: dict, opts: dict, args: Args, alpha_state: dict, update_idx: int,
                global_step: int) -> dict:  # fmt: skip
     """One SAC critic update, and `policy_frequency` actor (+ alpha) updates every `policy_frequency` calls."""
-    actor, qf1, qf2, qf1_target, qf2_target = (nets[k] for k in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"))
+    actor, qf, qf_target = nets["actor"], nets["qf"], nets["qf_target"]
     alpha = alpha_state["alpha"]
-    with torch.no_grad():
+    with torch.no_grad(), autocast(args, batch):
         next_actions, next_log_pi, _ = get_action(actor, batch.next_observations)
-        min_qf_next = torch.min(qf1_target(batch.next_observations, next_actions),
-                                qf2_target(batch.next_observations, next_actions)) - alpha * next_log_pi  # fmt: skip
+        min_qf_next = qf_target(batch.next_observations, next_actions).float().min(0).values - alpha * next_log_pi
         # crucial: Fetch episodes only truncate (time limit), so every target bootstraps; no (1 - done) factor
         next_q_value = batch.rewards + args.gamma * min_qf_next
-    qf1_loss = F.mse_loss(qf1(batch.observations, batch.actions), next_q_value)
-    qf2_loss = F.mse_loss(qf2(batch.observations, batch.actions), next_q_value)
+    with autocast(args, batch):
+        qf1_values, qf2_values = qf(batch.observations, batch.actions).float()
+    qf1_loss = F.mse_loss(qf1_values, next_q_value)
+    qf2_loss = F.mse_loss(qf2_values, next_q_value)
     qf_loss = qf1_loss + qf2_loss
     check_finite("qf_loss", qf_loss, global_step)
     opts["q"].zero_grad()
@@ -902,17 +1111,17 @@ def sac_update(batch: ReplayBatch, nets: dict, opts: dict, args: Args, alpha_sta
             logs.update(actor_update(batch, nets, opts, args, alpha_state, global_step))
 
     if update_idx % args.target_network_frequency == 0:
-        soft_update(qf1_target, qf1, args.tau)
-        soft_update(qf2_target, qf2, args.tau)
+        qf_target.update(qf, args.tau)
     return logs
 
 
 def actor_update(batch: ReplayBatch, nets: dict, opts: dict, args: Args, alpha_state: dict, global_step: int) -> dict:
-    q_params = [p for name in ("qf1", "qf2") for p in nets[name].parameters()]
+    q_params = opts["q"].param_groups[0]["params"]  # (Module.parameters() walks escnn's slow module equality)
     for p in q_params:  # the actor loss needs dQ/da only: skip the critics' weight gradients (Spinning Up does too)
         p.requires_grad_(False)
-    pi, log_pi, _ = get_action(nets["actor"], batch.observations)
-    min_qf_pi = torch.min(nets["qf1"](batch.observations, pi), nets["qf2"](batch.observations, pi))
+    with autocast(args, batch):
+        pi, log_pi, _ = get_action(nets["actor"], batch.observations)
+        min_qf_pi = nets["qf"](batch.observations, pi).float().min(0).values
     actor_loss = (alpha_state["alpha"] * log_pi - min_qf_pi).mean()
     check_finite("actor_loss", actor_loss, global_step)
     opts["actor"].zero_grad()
@@ -932,25 +1141,43 @@ def actor_update(batch: ReplayBatch, nets: dict, opts: dict, args: Args, alpha_s
     return logs
 
 
-@torch.no_grad()
-def soft_update(target: torch.nn.Module, source: torch.nn.Module, tau: float) -> None:
-    """Polyak averaging of parameters. Targets stay in train mode: in eval mode escnn would serve a stale cached
-    weight after this in-place update, and state_dict keys would depend on the mode."""
-    for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
-        target_param.lerp_(param, tau)
+def autocast(args: Args, batch: ReplayBatch):
+    """bfloat16 autocast of the update's network passes when --bf16 (losses, optimizers and weights stay float32)."""
+    return torch.autocast(batch.observations.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+class TargetQNetworks(torch.nn.Module):
+    """The target critics, held as the critics' `dense_weights()` and Polyak-averaged in place (Haarnoja et al. 2018,
+    Sec. 4.2): weights <- (1 - tau) weights + tau online weights. The dense weights are linear in the parameters,
+    so this equals averaging the parameters and expanding them.
+
+    Input x: (batch, obs_dim), a: (batch, 4). Output: (2, batch, 1).
+    """
+
+    def __init__(self, qf: torch.nn.Module):
+        super().__init__()
+        self._forward_with = qf.forward_with  # the online critics' constants, not their parameters
+        with torch.no_grad():
+            for i, weight in enumerate(qf.dense_weights()):
+                self.register_buffer(f"weight{i}", weight.detach().clone())
+
+    def weights(self) -> list:
+        return list(self.buffers())
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self._forward_with(self.weights(), x, a)
+
+    @torch.no_grad()
+    def update(self, qf: torch.nn.Module, tau: float) -> None:
+        torch._foreach_lerp_(self.weights(), [w.detach() for w in qf.dense_weights()], tau)
 
 
 def build_agent(obs_fields, args: Args, device):
-    nets = {"actor": Actor(obs_fields, args), "qf1": SoftQNetwork(obs_fields, args),
-            "qf2": SoftQNetwork(obs_fields, args), "qf1_target": SoftQNetwork(obs_fields, args),
-            "qf2_target": SoftQNetwork(obs_fields, args)}  # fmt: skip
-    nets = {name: net.to(device) for name, net in nets.items()}
-    nets["qf1_target"].load_state_dict(nets["qf1"].state_dict())
-    nets["qf2_target"].load_state_dict(nets["qf2"].state_dict())
-    q_params = list(nets["qf1"].parameters()) + list(nets["qf2"].parameters())
+    actor, qf = Actor(obs_fields, args).to(device), SoftQNetworks(obs_fields, args).to(device)
+    nets = {"actor": actor, "qf": qf, "qf_target": TargetQNetworks(qf)}
     # fused Adam: about 1 ms less per update on CPU than the for-loop default; importing it costs about 1.5 s once
-    opts = {"q": optim.Adam(q_params, lr=args.q_lr, fused=True),
-            "actor": optim.Adam(nets["actor"].parameters(), lr=args.policy_lr, fused=True)}  # fmt: skip
+    opts = {"q": optim.Adam(qf.parameters(), lr=args.q_lr, fused=True),
+            "actor": optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)}  # fmt: skip
     alpha_state = {"alpha": args.alpha, "target_entropy": -4.0}  # -dim(A)
     if args.autotune:
         alpha_state["log_alpha"] = torch.tensor(math.log(max(args.alpha, 1e-8)), requires_grad=True, device=device)
@@ -984,7 +1211,7 @@ def main(args: Args) -> int:
     )
     obs_fields = envs.unwrapped.get_attr("fields")[0]
     agent = build_agent(obs_fields, args, device)  # before the run folder: a failure here leaves nothing behind
-    params = {"actor_params": num_params(agent[0]["actor"]), "critic_params": num_params(agent[0]["qf1"])}
+    params = {"actor_params": num_params(agent[0]["actor"]), "critic_params": num_params(agent[0]["qf"]) // 2}
     if saved is None:
         os.makedirs(run_path)
         with open(os.path.join(run_path, "config.json"), "w") as f:

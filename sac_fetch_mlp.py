@@ -77,6 +77,9 @@ class Args:
     """the replay memory size in transitions (stored as whole episodes)"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
+    bf16: bool = False
+    """if toggled, the update's network passes run under bfloat16 autocast (CPUs with AVX512-BF16, GPUs); weights,
+    optimizer states and losses stay float32 (off: the float32 algorithm)"""
     gamma: float = 0.98
     """the discount factor gamma"""
     tau: float = 0.005
@@ -298,15 +301,48 @@ def validate_network_args(args: Args) -> None:
         raise ValueError(f"--hidden-sizes must be one or more widths >= 1, got {list(args.hidden_sizes)}")
 
 
-class SoftQNetwork(torch.nn.Module):
-    """Q(s, a) as an MLP. Input x: (batch, fields_dim(obs_fields)), a: (batch, 4). Output: (batch, 1)."""
+class SoftQNetworks(torch.nn.Module):
+    """The two critics Q1, Q2 as one stacked MLP: each layer is one batched matrix product over both critics (LeanRL
+    stacks its twin Q-networks the same way, with torch.vmap). `weight{i}` (2, in, out) and `bias{i}` (2, 1, out)
+    are initialised as torch.nn.Linear's, independently per critic; `reference_forward` evaluates the critics one at a
+    time (the reference in tests).
+
+    Input x: (batch, fields_dim(obs_fields)), a: (batch, 4). Output: (2, batch, 1).
+    """
 
     def __init__(self, obs_fields, args: Args):
         super().__init__()
-        self.net = mlp(fields_dim(obs_fields) + fields_dim(ACTION_FIELDS), args.hidden_sizes, 1)
+        widths = [fields_dim(obs_fields) + fields_dim(ACTION_FIELDS), *args.hidden_sizes, 1]
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation
+            weight, bias = torch.empty(2, fan_in, fan_out), torch.empty(2, 1, fan_out)
+            self.register_parameter(f"weight{i}", torch.nn.Parameter(weight.uniform_(-bound, bound)))
+            self.register_parameter(f"bias{i}", torch.nn.Parameter(bias.uniform_(-bound, bound)))
+
+    def dense_weights(self) -> list:
+        """[weight0, bias0, weight1, ...]: the parameters themselves."""
+        return list(self.parameters())
 
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, a], 1))
+        return self.forward_with(self.dense_weights(), x, a)
+
+    @staticmethod
+    def forward_with(weights: list, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Q-values (2, batch, 1) from `dense_weights()`-shaped weights (the target critics' too)."""
+        h = torch.cat([x, a], 1).expand(2, -1, -1)
+        for i in range(0, len(weights) - 2, 2):
+            h = torch.relu_(torch.baddbmm(weights[i + 1], h, weights[i]))
+        return torch.baddbmm(weights[-1], h, weights[-2])
+
+    def reference_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        weights, outputs = self.dense_weights(), []
+        for critic in range(2):
+            h = torch.cat([x, a], 1)
+            for i in range(0, len(weights), 2):
+                h = F.linear(h, weights[i][critic].T, weights[i + 1][critic][0])
+                h = torch.relu(h) if i < len(weights) - 2 else h
+            outputs.append(h)
+        return torch.stack(outputs)
 
 
 class Actor(torch.nn.Module):
@@ -368,7 +404,7 @@ def get_action(actor: torch.nn.Module, x: torch.Tensor, noise: torch.Tensor | No
     Returns:
         action (batch, 4), log_prob (batch, 1) in nats, deterministic action squash(mean) (batch, 4).
     """
-    mean, log_std = actor(x)
+    mean, log_std = (out.float() for out in actor(x))  # float32 under --bf16 autocast too
     log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
     std = log_std.exp()
     if noise is None:
@@ -605,7 +641,6 @@ def evaluate(actor, eval_envs, seed: int, device, episodes: int | None = None, p
     episodes = episodes or eval_envs.num_envs
     episode_length = eval_envs.get_attr("spec")[0].max_episode_steps
     successes, returns = [], []
-    actor.eval()  # escnn caches its expanded weights in eval mode; train() below drops the cache again
     for batch_seed in range(seed, seed + episodes, eval_envs.num_envs):
         obs, _ = eval_envs.reset(seed=batch_seed)
         batch_returns = np.zeros(eval_envs.num_envs)
@@ -615,7 +650,6 @@ def evaluate(actor, eval_envs, seed: int, device, episodes: int | None = None, p
             batch_returns += rewards
         successes.extend(infos["is_success"])
         returns.extend(batch_returns)
-    actor.train()
     return {
         f"{prefix}/success_rate": float(np.mean(successes[:episodes], dtype=np.float64)),
         f"{prefix}/return": float(np.mean(returns[:episodes])),
@@ -829,16 +863,17 @@ class Progress:
 def sac_update(batch: ReplayBatch, nets: dict, opts: dict, args: Args, alpha_state: dict, update_idx: int,
                global_step: int) -> dict:  # fmt: skip
     """One SAC critic update, and `policy_frequency` actor (+ alpha) updates every `policy_frequency` calls."""
-    actor, qf1, qf2, qf1_target, qf2_target = (nets[k] for k in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"))
+    actor, qf, qf_target = nets["actor"], nets["qf"], nets["qf_target"]
     alpha = alpha_state["alpha"]
-    with torch.no_grad():
+    with torch.no_grad(), autocast(args, batch):
         next_actions, next_log_pi, _ = get_action(actor, batch.next_observations)
-        min_qf_next = torch.min(qf1_target(batch.next_observations, next_actions),
-                                qf2_target(batch.next_observations, next_actions)) - alpha * next_log_pi  # fmt: skip
+        min_qf_next = qf_target(batch.next_observations, next_actions).float().min(0).values - alpha * next_log_pi
         # crucial: Fetch episodes only truncate (time limit), so every target bootstraps; no (1 - done) factor
         next_q_value = batch.rewards + args.gamma * min_qf_next
-    qf1_loss = F.mse_loss(qf1(batch.observations, batch.actions), next_q_value)
-    qf2_loss = F.mse_loss(qf2(batch.observations, batch.actions), next_q_value)
+    with autocast(args, batch):
+        qf1_values, qf2_values = qf(batch.observations, batch.actions).float()
+    qf1_loss = F.mse_loss(qf1_values, next_q_value)
+    qf2_loss = F.mse_loss(qf2_values, next_q_value)
     qf_loss = qf1_loss + qf2_loss
     check_finite("qf_loss", qf_loss, global_step)
     opts["q"].zero_grad()
@@ -851,17 +886,17 @@ def sac_update(batch: ReplayBatch, nets: dict, opts: dict, args: Args, alpha_sta
             logs.update(actor_update(batch, nets, opts, args, alpha_state, global_step))
 
     if update_idx % args.target_network_frequency == 0:
-        soft_update(qf1_target, qf1, args.tau)
-        soft_update(qf2_target, qf2, args.tau)
+        qf_target.update(qf, args.tau)
     return logs
 
 
 def actor_update(batch: ReplayBatch, nets: dict, opts: dict, args: Args, alpha_state: dict, global_step: int) -> dict:
-    q_params = [p for name in ("qf1", "qf2") for p in nets[name].parameters()]
+    q_params = opts["q"].param_groups[0]["params"]  # (Module.parameters() walks escnn's slow module equality)
     for p in q_params:  # the actor loss needs dQ/da only: skip the critics' weight gradients (Spinning Up does too)
         p.requires_grad_(False)
-    pi, log_pi, _ = get_action(nets["actor"], batch.observations)
-    min_qf_pi = torch.min(nets["qf1"](batch.observations, pi), nets["qf2"](batch.observations, pi))
+    with autocast(args, batch):
+        pi, log_pi, _ = get_action(nets["actor"], batch.observations)
+        min_qf_pi = nets["qf"](batch.observations, pi).float().min(0).values
     actor_loss = (alpha_state["alpha"] * log_pi - min_qf_pi).mean()
     check_finite("actor_loss", actor_loss, global_step)
     opts["actor"].zero_grad()
@@ -881,25 +916,43 @@ def actor_update(batch: ReplayBatch, nets: dict, opts: dict, args: Args, alpha_s
     return logs
 
 
-@torch.no_grad()
-def soft_update(target: torch.nn.Module, source: torch.nn.Module, tau: float) -> None:
-    """Polyak averaging of parameters. Targets stay in train mode: in eval mode escnn would serve a stale cached
-    weight after this in-place update, and state_dict keys would depend on the mode."""
-    for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
-        target_param.lerp_(param, tau)
+def autocast(args: Args, batch: ReplayBatch):
+    """bfloat16 autocast of the update's network passes when --bf16 (losses, optimizers and weights stay float32)."""
+    return torch.autocast(batch.observations.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+class TargetQNetworks(torch.nn.Module):
+    """The target critics, held as the critics' `dense_weights()` and Polyak-averaged in place (Haarnoja et al. 2018,
+    Sec. 4.2): weights <- (1 - tau) weights + tau online weights. The dense weights are linear in the parameters,
+    so this equals averaging the parameters and expanding them.
+
+    Input x: (batch, obs_dim), a: (batch, 4). Output: (2, batch, 1).
+    """
+
+    def __init__(self, qf: torch.nn.Module):
+        super().__init__()
+        self._forward_with = qf.forward_with  # the online critics' constants, not their parameters
+        with torch.no_grad():
+            for i, weight in enumerate(qf.dense_weights()):
+                self.register_buffer(f"weight{i}", weight.detach().clone())
+
+    def weights(self) -> list:
+        return list(self.buffers())
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self._forward_with(self.weights(), x, a)
+
+    @torch.no_grad()
+    def update(self, qf: torch.nn.Module, tau: float) -> None:
+        torch._foreach_lerp_(self.weights(), [w.detach() for w in qf.dense_weights()], tau)
 
 
 def build_agent(obs_fields, args: Args, device):
-    nets = {"actor": Actor(obs_fields, args), "qf1": SoftQNetwork(obs_fields, args),
-            "qf2": SoftQNetwork(obs_fields, args), "qf1_target": SoftQNetwork(obs_fields, args),
-            "qf2_target": SoftQNetwork(obs_fields, args)}  # fmt: skip
-    nets = {name: net.to(device) for name, net in nets.items()}
-    nets["qf1_target"].load_state_dict(nets["qf1"].state_dict())
-    nets["qf2_target"].load_state_dict(nets["qf2"].state_dict())
-    q_params = list(nets["qf1"].parameters()) + list(nets["qf2"].parameters())
+    actor, qf = Actor(obs_fields, args).to(device), SoftQNetworks(obs_fields, args).to(device)
+    nets = {"actor": actor, "qf": qf, "qf_target": TargetQNetworks(qf)}
     # fused Adam: about 1 ms less per update on CPU than the for-loop default; importing it costs about 1.5 s once
-    opts = {"q": optim.Adam(q_params, lr=args.q_lr, fused=True),
-            "actor": optim.Adam(nets["actor"].parameters(), lr=args.policy_lr, fused=True)}  # fmt: skip
+    opts = {"q": optim.Adam(qf.parameters(), lr=args.q_lr, fused=True),
+            "actor": optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)}  # fmt: skip
     alpha_state = {"alpha": args.alpha, "target_entropy": -4.0}  # -dim(A)
     if args.autotune:
         alpha_state["log_alpha"] = torch.tensor(math.log(max(args.alpha, 1e-8)), requires_grad=True, device=device)
@@ -933,7 +986,7 @@ def main(args: Args) -> int:
     )
     obs_fields = envs.unwrapped.get_attr("fields")[0]
     agent = build_agent(obs_fields, args, device)  # before the run folder: a failure here leaves nothing behind
-    params = {"actor_params": num_params(agent[0]["actor"]), "critic_params": num_params(agent[0]["qf1"])}
+    params = {"actor_params": num_params(agent[0]["actor"]), "critic_params": num_params(agent[0]["qf"]) // 2}
     if saved is None:
         os.makedirs(run_path)
         with open(os.path.join(run_path, "config.json"), "w") as f:

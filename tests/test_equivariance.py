@@ -104,11 +104,11 @@ def test_squashed_policy_gives_g_a_the_same_log_prob_under_g_s(eq, obs_fields, n
 @pytest.mark.parametrize("n", N_VALUES)
 def test_critic_is_invariant_for_every_element_of_dn(eq, obs_fields, n):
     torch.manual_seed(n)
-    qf = eq.SoftQNetwork(obs_fields, small_args(eq, n))
+    qf = eq.SoftQNetworks(obs_fields, small_args(eq, n))
     x, a = torch.randn(16, eq.fields_dim(obs_fields)), torch.randn(16, 4)
     with torch.no_grad():
         q = qf(x, a)
-        assert q.shape == (16, 1)
+        assert q.shape == (2, 16, 1)
         for flip, theta in elements(n):
             g_q = qf(x @ action_matrix(obs_fields, flip, theta).T, a @ action_matrix(eq.ACTION_FIELDS, flip, theta).T)
             assert_close(g_q, q)
@@ -117,7 +117,7 @@ def test_critic_is_invariant_for_every_element_of_dn(eq, obs_fields, n):
 def test_the_check_detects_a_non_equivariant_network(mlp, obs_fields):
     """The same check fails for the MLP twin's critic (so the tests above can fail)."""
     torch.manual_seed(0)
-    qf = mlp.SoftQNetwork(obs_fields, mlp.Args(hidden_sizes=(64, 64)))
+    qf = mlp.SoftQNetworks(obs_fields, mlp.Args(hidden_sizes=(64, 64)))
     x, a = torch.randn(16, mlp.fields_dim(obs_fields)), torch.randn(16, 4)
     with torch.no_grad():
         g_q = qf(x @ action_matrix(obs_fields, 1, 0.0).T, a @ action_matrix(mlp.ACTION_FIELDS, 1, 0.0).T)
@@ -133,20 +133,39 @@ def test_elementwise_tanh_squash_would_break_d8_equivariance(eq):
     assert_close(eq.squash(u @ g.T), eq.squash(u) @ g.T)
 
 
-def test_soft_update_and_state_dict_are_consistent_with_escnn_weight_cache(eq, obs_fields):
-    """Targets stay in train mode: after Polyak averaging they compute with the new weights, and state_dicts taken
-    after an eval()/train() round trip have the same keys (no cached expanded matrices)."""
+@pytest.mark.parametrize("n", (1, 2, 3, 4, 5, 8, 16))
+def test_fast_path_equals_escnn_on_the_same_parameters(eq, obs_fields, n):
+    """The Fourier-block fast path computes escnn's networks: same outputs and same parameter gradients."""
+    torch.manual_seed(n)
+    args = eq.Args(dihedral_n=n, reg_rep_n=3)
+    actor, qf = eq.Actor(obs_fields, args), eq.SoftQNetworks(obs_fields, args)
+    params = list(actor.parameters()) + list(qf.parameters())
+    for p in params:  # escnn initialises biases to zero: random values test their expansion too
+        torch.nn.init.normal_(p, std=0.5)
+    x, a = torch.randn(32, eq.fields_dim(obs_fields)), torch.randn(32, 4)
+    outputs = {}
+    for path in ("forward", "reference_forward"):
+        mean, log_std = getattr(actor, path)(x)
+        q = getattr(qf, path)(x, a)
+        grads = torch.autograd.grad((mean.sin().sum() + log_std.sum() + q.pow(2).sum()), params)
+        outputs[path] = (mean, log_std, q, *grads)
+    for fast, reference in zip(outputs["forward"], outputs["reference_forward"], strict=True):
+        assert_close(fast, reference)
+
+
+def test_target_networks_follow_polyak_averaging_of_the_parameters(eq, obs_fields):
+    """Averaging the dense weights (what the targets hold) equals expanding the averaged parameters, and the
+    critics' state_dict holds escnn's parameters only."""
     torch.manual_seed(0)
     args = small_args(eq, 8)
-    source, target = eq.SoftQNetwork(obs_fields, args), eq.SoftQNetwork(obs_fields, args)
+    source, averaged = eq.SoftQNetworks(obs_fields, args), eq.SoftQNetworks(obs_fields, args)
+    target = eq.TargetQNetworks(averaged)
     x, a = torch.randn(8, eq.fields_dim(obs_fields)), torch.randn(8, 4)
-    keys = set(target.state_dict())
-    target.eval()
-    target.train()
-    assert set(target.state_dict()) == keys
-    eq.soft_update(target, source, tau=1.0)
+    target.update(source, tau=0.3)
     with torch.no_grad():
+        for p_avg, p_src in zip(averaged.parameters(), source.parameters(), strict=True):
+            p_avg.lerp_(p_src, 0.3)
+        assert_close(target(x, a), averaged(x, a))
+        target.update(source, tau=1.0)
         assert_close(target(x, a), source(x, a))
-    source.eval()  # eval mode caches the expanded weights: same function
-    with torch.no_grad():
-        assert_close(source(x, a), target(x, a))
+    assert {key.split(".")[0] for key in source.state_dict()} == {"qf1", "qf2"}  # escnn parameters only

@@ -57,7 +57,7 @@ def load(path) -> dict:
 
 def assert_same_training_state(a: dict, b: dict) -> None:
     """Networks, target networks, optimizers and counters identical, bit for bit."""
-    for key in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):
+    for key in ("actor", "qf", "qf_target"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs"
     for key in ("q_optimizer", "actor_optimizer", "alpha_optimizer"):

@@ -124,12 +124,13 @@ def test_the_presets_capacity_dimensions_span_the_same_critic_parameter_counts(e
     count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
     eq_space = tuner.build_space("sac_fetch_equivariant", [], "sac_fetch_equivariant.py")
     eq_counts = [
-        count(eq.SoftQNetwork(fields, eq.Args(dihedral_n=n, reg_rep_n=r)))
+        count(eq.SoftQNetworks(fields, eq.Args(dihedral_n=n, reg_rep_n=r))) // 2
         for n in eq_space["dihedral_n"].choices
         for r in eq_space["reg_rep_n"].choices
     ]
     widths = tuner.build_space("sac_fetch_mlp", [], "sac_fetch_mlp.py")["hidden_sizes"].choices
-    mlp_counts = [count(mlp.SoftQNetwork(fields, mlp.Args(hidden_sizes=tuple(map(int, w.split()))))) for w in widths]
+    mlp_args = [mlp.Args(hidden_sizes=tuple(map(int, w.split()))) for w in widths]
+    mlp_counts = [count(mlp.SoftQNetworks(fields, args)) // 2 for args in mlp_args]
     close = lambda a, counts: min(abs(a - b) / b for b in counts) < 0.03  # noqa: E731
     assert all(close(c, mlp_counts) for c in eq_counts), (eq_counts, mlp_counts)
     assert all(close(c, eq_counts) for c in mlp_counts), (eq_counts, mlp_counts)

@@ -1,0 +1,104 @@
+"""The fast SAC update (stacked critics, dense target weights, the equivariant Fourier-block path) is the same algorithm
+as the reference update: each network evaluated by its reference forward (escnn's own layers for the equivariant twin,
+one critic at a time for the MLP), target critics as parameters averaged by Polyak. Same batch, same initial weights,
+same random draws: losses, gradients, updated weights, targets and alpha agree to float32 tolerance.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+STEPS = 4  # update_idx 0..3: the actor and alpha update at 0 and 2 (policy_frequency 2), the critics every time
+
+
+class Reference(torch.nn.Module):
+    """A network evaluated by its `reference_forward` (modules without one are their own reference)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs):
+        return getattr(self.net, "reference_forward", self.net.forward)(*inputs)
+
+
+def reference_update(mod, batch, ref: dict, opts: dict, args, alpha_state: dict, update_idx: int) -> dict:
+    """SAC (Haarnoja et al. 2018) written plainly: Q1 and Q2 one at a time, targets as averaged parameters."""
+    actor, qf, qf_target = Reference(ref["actor"]), Reference(ref["qf"]), Reference(ref["qf_target"])
+    with torch.no_grad():
+        next_actions, next_log_pi, _ = mod.get_action(actor, batch.next_observations)
+        q_next = qf_target(batch.next_observations, next_actions)
+        next_q = batch.rewards + args.gamma * (torch.min(q_next[0], q_next[1]) - alpha_state["alpha"] * next_log_pi)
+    q = qf(batch.observations, batch.actions)
+    qf1_loss, qf2_loss = F.mse_loss(q[0], next_q), F.mse_loss(q[1], next_q)
+    opts["q"].zero_grad()
+    (qf1_loss + qf2_loss).backward()
+    opts["q"].step()
+    logs = {"losses/qf1_loss": qf1_loss, "losses/qf2_loss": qf2_loss}
+    if update_idx % args.policy_frequency == 0:
+        for _ in range(args.policy_frequency):
+            ref["qf"].requires_grad_(False)
+            pi, log_pi, _ = mod.get_action(actor, batch.observations)
+            q_pi = qf(batch.observations, pi)
+            actor_loss = (alpha_state["alpha"] * log_pi - torch.min(q_pi[0], q_pi[1])).mean()
+            opts["actor"].zero_grad()
+            actor_loss.backward()
+            opts["actor"].step()
+            ref["qf"].requires_grad_(True)
+            alpha_loss = (-alpha_state["log_alpha"].exp() * (log_pi.detach() + alpha_state["target_entropy"])).mean()
+            opts["alpha"].zero_grad()
+            alpha_loss.backward()
+            opts["alpha"].step()
+            alpha_state["alpha"] = alpha_state["log_alpha"].exp().item()
+            logs.update({"losses/actor_loss": actor_loss, "losses/alpha_loss": alpha_loss})
+    with torch.no_grad():
+        for target, online in zip(ref["qf_target"].parameters(), ref["qf"].parameters(), strict=True):
+            target.lerp_(online, args.tau)
+    return logs
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
+    err = (actual - expected).abs().max().item()
+    bound = 1e-6 + rtol * expected.abs().max().item()
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("script,network_args", [
+    ("eq", {"dihedral_n": 8, "reg_rep_n": 4}), ("eq", {"dihedral_n": 3, "reg_rep_n": 4}),
+    ("eq", {"dihedral_n": 4, "reg_rep_n": 8}), ("mlp", {"hidden_sizes": (64, 64)}),
+])  # fmt: skip
+def test_fast_update_equals_the_reference_update(script, network_args, request):
+    mod = request.getfixturevalue(script)
+    args = mod.Args(env_id="FetchPush-v4", batch_size=64, **network_args)
+    fields = mod.OBJECT_FIELDS + mod.GOAL_FIELDS
+    torch.manual_seed(0)
+    nets, opts, alpha_state = mod.build_agent(fields, args, torch.device("cpu"))
+    ref = {"actor": copy.deepcopy(nets["actor"]), "qf": copy.deepcopy(nets["qf"]),
+           "qf_target": copy.deepcopy(nets["qf"])}  # fmt: skip
+    ref_alpha = {**alpha_state, "log_alpha": alpha_state["log_alpha"].detach().clone().requires_grad_(True)}
+    ref_opts = {"q": torch.optim.Adam(ref["qf"].parameters(), lr=args.q_lr, fused=True),
+                "actor": torch.optim.Adam(ref["actor"].parameters(), lr=args.policy_lr, fused=True),
+                "alpha": torch.optim.Adam([ref_alpha["log_alpha"]], lr=args.q_lr)}  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    dim = mod.fields_dim(fields)
+    for update_idx in range(STEPS):
+        obs, next_obs = torch.randn(2, args.batch_size, dim, generator=generator)
+        actions = torch.rand(args.batch_size, 4, generator=generator) * 2 - 1
+        batch = mod.ReplayBatch(obs, next_obs, actions, -torch.rand(args.batch_size, 1, generator=generator))
+        torch.manual_seed(100 + update_idx)
+        logs = mod.sac_update(batch, nets, opts, args, alpha_state, update_idx, global_step=1000 + update_idx)
+        torch.manual_seed(100 + update_idx)
+        ref_logs = reference_update(mod, batch, ref, ref_opts, args, ref_alpha, update_idx)
+        for key, value in ref_logs.items():
+            assert_close(f"{key} at update {update_idx}", logs[key], value)
+    for name in ("actor", "qf"):
+        fast_params = dict(nets[name].named_parameters())
+        for key, p in ref[name].named_parameters():
+            assert_close(f"{name}.{key}.grad", fast_params[key].grad, p.grad)
+            assert_close(f"{name}.{key}", fast_params[key], p)
+    x, a = torch.randn(32, dim), torch.rand(32, 4) * 2 - 1
+    with torch.no_grad():
+        assert_close("target Q", nets["qf_target"](x, a), Reference(ref["qf_target"])(x, a))
+    assert alpha_state["alpha"] == pytest.approx(ref_alpha["alpha"], rel=1e-5)
