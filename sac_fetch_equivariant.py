@@ -442,7 +442,8 @@ class RegularMLPWeights(torch.nn.Module):
     differentiably (gradients reach escnn's `weights` and `bias`); no escnn code runs on this hot path.
 
     Hidden channels are ordered (group element, field): escnn's (field, group element) transposed. Calling it returns
-    [W1 (|G| k, in), b1 (|G| k, 1), M1 (n1, k, k), c1 (n1, k, 1), M2 (n2, 2k, 2k), W3 (out, |G| k or k), b3 (out, 1)].
+    [W1 (|G|, k, in), b1 (|G|, k, 1), M1 (n1, k, k), c1 (n1, k, 1), M2 (n2, 2k, 2k), W3 (out, |G| k or k),
+    b3 (out, 1)]; `stack_weights` stacks E networks' lists for `regular_hidden`.
     """
 
     def __init__(self, first: enn.Linear, hidden: enn.Linear, head: enn.Linear, fourier: RegularFourier):
@@ -460,56 +461,70 @@ class RegularMLPWeights(torch.nn.Module):
                      "index3": index3, "coef3": coef3, "bias3": head.bias_expansion}  # fmt: skip
         for name, value in constants.items():
             self.register_buffer(name, value, persistent=False)
-        self.n1, self.n2 = n1, n2
+        self.order, self.n1, self.n2 = order, n1, n2
 
     def forward(self) -> list:
         (first, hidden, head), k, n1, n2 = self.escnn_layers, self.k, self.n1, self.n2
-        w1 = expand(first.weights, self.index1, self.coef1).view(len(self.bias1), -1)
+        w1 = expand(first.weights, self.index1, self.coef1).view(self.order, k, -1)
         blocks = hidden.weights.view(k, k, -1) @ self.blocks  # (out field i, in field j, Fourier coordinate)
         m1 = blocks[..., :n1].permute(2, 0, 1)
         m2 = blocks[..., n1:].reshape(k, k, n2, 2, 2).permute(2, 3, 0, 4, 1).reshape(n2, 2 * k, 2 * k)
         w3 = expand(head.weights, self.index3, self.coef3).view(len(self.bias3), -1)
-        return [w1, (self.bias1 @ first.bias).unsqueeze(1), m1, (self.bias2 @ hidden.bias).unsqueeze(2), m2, w3,
-                (self.bias3 @ head.bias).unsqueeze(1)]  # fmt: skip
+        return [w1, (self.bias1 @ first.bias).view(self.order, k, 1), m1, (self.bias2 @ hidden.bias).unsqueeze(2), m2,
+                w3, (self.bias3 @ head.bias).unsqueeze(1)]  # fmt: skip
+
+
+def stack_weights(per_network: list) -> list:
+    """E networks' `RegularMLPWeights` -> the layout of `regular_hidden`: the ensemble dimension E after the group
+    dimension in W1 (|G|, E, k, in) and b1, after the irrep dimension in M1 (n1, E, k, k), c1 and M2 (n2, E, 2k, 2k),
+    first in the head's W3 (E, out, .) and b3 (E, out, 1)."""
+    layers = zip(*per_network, strict=True)
+    return [torch.stack(w, dim) for w, dim in zip(layers, (1, 1, 1, 1, 1, 0, 0), strict=True)]
 
 
 def regular_hidden(weights: list, fourier: RegularFourier, x: torch.Tensor) -> torch.Tensor:
-    """Both hidden layers of E networks whose `RegularMLPWeights` are stacked on dim 0: x (batch, in) -> ReLU
-    activations (E, |G|, k, batch). Layer 1 is one dense product; layer 2 transforms each field to the Fourier basis,
-    applies the irrep blocks and transforms back, so that ReLU acts pointwise on group elements, as escnn's does.
+    """Both hidden layers of E networks (`stack_weights`) on one input: x (batch, in) -> ReLU activations
+    (|G|, E, k, batch).
+
+    Layer 1 is one dense product for all E networks. Layer 2 transforms every field to the Fourier basis (one product
+    over the group dimension, which comes first), applies each irrep's block to the copies of that irrep (batched
+    products), and transforms back, so that ReLU acts pointwise on the group elements, as escnn's does.
     """
     w1, b1, m1, c1, m2 = weights[:5]
-    n1, n2, order, k = fourier.n1, fourier.n2, fourier.order, m1.shape[-1]
-    ensemble, batch = w1.shape[0], x.shape[0]
-    h = torch.relu_(torch.baddbmm(b1, w1, x.T.expand(ensemble, -1, -1))).view(ensemble, order, k * batch)
-    f1 = (fourier.to_fourier1 @ h).view(ensemble, n1, k, batch)  # per field, group -> Fourier: 1-d irreps
-    y = fourier.from_fourier1 @ (m1 @ f1 + c1).view(ensemble, n1, k * batch)
-    if n2:  # 2-d irreps: for each irrep and component c, (copy a, field i) <- (copy b, field j)
-        f2 = (fourier.to_fourier2 @ h).view(ensemble, n2, 2, 2 * k, batch)
-        y = y + fourier.from_fourier2 @ (m2.unsqueeze(2) @ f2).view(ensemble, 4 * n2, k * batch)
-    return torch.relu_(y).view(ensemble, order, k, batch)
+    order, ensemble, k, batch = w1.shape[0], w1.shape[1], w1.shape[2], x.shape[0]
+    n1, n2, columns = fourier.n1, fourier.n2, w1.shape[1] * w1.shape[2] * x.shape[0]
+    h = torch.relu_(torch.addmm(b1.view(-1, 1), w1.view(-1, w1.shape[-1]), x.T)).view(order, columns)
+    f = fourier.to_fourier @ h  # (F, E k batch): per field, group -> Fourier
+    y1 = torch.baddbmm(c1.view(-1, k, 1), m1.view(-1, k, k), f[:n1].view(n1 * ensemble, k, batch))
+    y = fourier.from_fourier1 @ y1.view(n1, columns)
+    if n2:  # 2-d irreps: for each irrep, component c and network, (copy a, field i) <- (copy b, field j)
+        f2 = f[n1:].view(n2, 2, 2, ensemble, k, batch).transpose(2, 3).reshape(n2 * 2 * ensemble, 2 * k, batch)
+        m2 = m2.unsqueeze(1).expand(-1, 2, -1, -1, -1).reshape(n2 * 2 * ensemble, 2 * k, 2 * k)
+        y2 = torch.bmm(m2, f2).view(n2, 2, ensemble, 2, k, batch).transpose(2, 3).reshape(4 * n2, columns)
+        y = torch.addmm(y, fourier.from_fourier2, y2)
+    return torch.relu_(y).view(order, ensemble, k, batch)
 
 
 class GroupMaxPool(torch.autograd.Function):
-    """Group pooling (escnn's `GroupPooling`): (E, |G|, k, batch) -> (E, k, batch), the max over the group elements.
+    """Group pooling (escnn's `GroupPooling`): (|G|, ...) -> (...), the max over the group elements.
 
     The gradient goes to the first maximal element, as with torch.max (escnn); computed with a mask, not with
-    `amax`'s backward or an argmax, both about 8x slower on CPU. Ties at 0 (ReLU's) need no tie-break: ReLU passes
-    them no gradient."""
+    `amax`'s backward, several times slower on CPU. Ties at 0 (ReLU's) need no tie-break: ReLU passes them no
+    gradient."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        pooled = h.amax(1)
+        pooled = h.amax(0)
         ctx.save_for_backward(h, pooled)
         return pooled
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         h, pooled = ctx.saved_tensors
-        mask = h >= pooled.unsqueeze(1)
-        if ((mask.sum(1) > 1) & (pooled > 0)).any():  # a positive tie: keep the first maximal element only
-            mask &= mask.cumsum(1) == 1
-        return mask * grad.unsqueeze(1)
+        mask = h >= pooled
+        if ((mask.sum(0) > 1) & (pooled > 0)).any():  # a positive tie: keep the first maximal element only
+            mask &= mask.cumsum(0) == 1
+        return mask * grad
 
 
 class SoftQNetworks(torch.nn.Module):
@@ -534,8 +549,8 @@ class SoftQNetworks(torch.nn.Module):
         self.weights2 = RegularMLPWeights(self.qf2[0], self.qf2[2], self.qf2[5], self.fourier)
 
     def dense_weights(self) -> list:
-        """Both critics' `RegularMLPWeights`, stacked on dim 0."""
-        return [torch.stack(pair) for pair in zip(self.weights1(), self.weights2(), strict=True)]
+        """Both critics' `RegularMLPWeights`, stacked (`stack_weights`)."""
+        return stack_weights([self.weights1(), self.weights2()])
 
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self.forward_with(self.dense_weights(), x, a)
@@ -543,7 +558,7 @@ class SoftQNetworks(torch.nn.Module):
     def forward_with(self, weights: list, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Q-values (2, batch, 1) from `dense_weights()`-shaped weights (the target critics' too)."""
         h = regular_hidden(weights, self.fourier, torch.cat([x, a], 1))
-        return torch.baddbmm(weights[6], weights[5], GroupMaxPool.apply(h)).transpose(1, 2)
+        return torch.baddbmm(weights[6], weights[5], GroupMaxPool.apply(h)).transpose(1, 2)  # (2, batch, 1)
 
     def reference_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         inputs = self.in_type(torch.cat([x, a], 1))
@@ -570,9 +585,9 @@ class Actor(torch.nn.Module):
         self.weights = RegularMLPWeights(self.net[0], self.net[2], self.net[4], self.fourier)
 
     def forward(self, x: torch.Tensor):
-        weights = [w.unsqueeze(0) for w in self.weights()]
-        h = regular_hidden(weights, self.fourier, x)
-        out = torch.baddbmm(weights[6], weights[5], h.view(1, -1, x.shape[0]))[0].T.contiguous()
+        weights = self.weights()
+        h = regular_hidden(stack_weights([weights]), self.fourier, x)
+        out = torch.addmm(weights[6], weights[5], h.view(-1, x.shape[0])).T.contiguous()
         return self._split(out)  # (batch, 7): mean_xy 2, mean_z, mean_gripper, log_std xy, z, gripper
 
     def reference_forward(self, x: torch.Tensor):
