@@ -302,10 +302,9 @@ def validate_network_args(args: Args) -> None:
 
 
 class SoftQNetworks(torch.nn.Module):
-    """The two critics Q1, Q2 as one stacked MLP: each layer is one batched matrix product over both critics (LeanRL
-    stacks its twin Q-networks the same way, with torch.vmap). `weight{i}` (2, in, out) and `bias{i}` (2, 1, out)
-    are initialised as torch.nn.Linear's, independently per critic; `reference_forward` evaluates the critics one at a
-    time (the reference in tests).
+    """The two critics Q1, Q2 as one module with stacked weights: `weight{i}` (2, in, out) and `bias{i}` (2, 1, out),
+    initialised as torch.nn.Linear's, independently per critic. `reference_forward` evaluates them with
+    torch.nn.functional.linear (the reference in tests).
 
     Input x: (batch, fields_dim(obs_fields)), a: (batch, 4). Output: (2, batch, 1).
     """
@@ -328,11 +327,15 @@ class SoftQNetworks(torch.nn.Module):
 
     @staticmethod
     def forward_with(weights: list, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Q-values (2, batch, 1) from `dense_weights()`-shaped weights (the target critics' too)."""
-        h = torch.cat([x, a], 1).expand(2, -1, -1)
-        for i in range(0, len(weights) - 2, 2):
-            h = torch.relu_(torch.baddbmm(weights[i + 1], h, weights[i]))
-        return torch.baddbmm(weights[-1], h, weights[-2])
+        """Q-values (2, batch, 1) from `dense_weights()`-shaped weights (the target critics' too). Each critic runs its
+        own chain of products: on CPU one batched product per layer measured 9 % slower per update."""
+        inputs, outputs = torch.cat([x, a], 1), []
+        for critic in range(2):
+            h = inputs
+            for i in range(0, len(weights) - 2, 2):
+                h = torch.relu_(torch.addmm(weights[i + 1][critic], h, weights[i][critic]))
+            outputs.append(torch.addmm(weights[-1][critic], h, weights[-2][critic]))
+        return torch.stack(outputs)
 
     def reference_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         weights, outputs = self.dense_weights(), []
