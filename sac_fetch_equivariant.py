@@ -353,9 +353,9 @@ class RegularFourier(torch.nn.Module):
     is one batched matrix product: the n1 1-d irreps first, then each 2-d irrep as (component c, copy b) pairs.
 
     Buffers (not in state_dict: they follow from N): `to_fourier` (|G|, |G|) = Q^-1 with permuted rows,
-    `from_fourier` its inverse, and their 1-d (`...1`) and 2-d (`...2`) irreps' rows / columns. See Cohen and Welling
-    2016, "Group Equivariant Convolutional Networks", and escnn
-    (Cesa, Lang and Weiler 2022), which stays the definition of every layer.
+    `from_fourier` its inverse, `from_fourier1` / `from_fourier2` its columns of the 1-d / 2-d irreps. See Cohen and
+    Welling 2016, "Group Equivariant Convolutional Networks"; escnn (Cesa, Lang and Weiler 2022) stays the definition
+    of every layer and the reference in tests.
     """
 
     def __init__(self, G: group.DihedralGroup):
@@ -372,8 +372,7 @@ class RegularFourier(torch.nn.Module):
         to_fourier = exact_zeros(torch.as_tensor(reg.change_of_basis_inv[one_d + two_d], dtype=torch.float64))
         from_fourier = exact_zeros(torch.linalg.inv(to_fourier))
         n1 = self.n1
-        parts = {"to_fourier": to_fourier, "to_fourier1": to_fourier[:n1], "to_fourier2": to_fourier[n1:],
-                 "from_fourier": from_fourier, "from_fourier1": from_fourier[:, :n1],
+        parts = {"to_fourier": to_fourier, "from_fourier": from_fourier, "from_fourier1": from_fourier[:, :n1],
                  "from_fourier2": from_fourier[:, n1:]}  # fmt: skip
         for name, value in parts.items():
             self.register_buffer(name, value.float().contiguous(), persistent=False)
