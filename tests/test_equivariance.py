@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-N_VALUES = (2, 4, 8, 16)
+N_VALUES = (2, 3, 4, 5, 8, 16)  # odd N: D_N without the rotation by pi
 
 
 def kind_matrix(kind: str, flip: int, theta: float) -> np.ndarray:
@@ -68,10 +68,11 @@ def test_escnn_field_types_match_the_physical_group_action(eq, obs_fields, n):
         np.testing.assert_allclose(ftype.representation(g), action_matrix(fields, flip, theta).numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ("forward", "reference_forward"))  # the fast path and escnn's own layers
 @pytest.mark.parametrize("n", N_VALUES)
-def test_actor_mean_and_log_std_are_equivariant_for_every_element_of_dn(eq, obs_fields, n):
+def test_actor_mean_and_log_std_are_equivariant_for_every_element_of_dn(eq, obs_fields, n, path):
     torch.manual_seed(n)
-    actor = eq.Actor(obs_fields, small_args(eq, n))
+    actor = getattr(eq.Actor(obs_fields, small_args(eq, n)), path)
     x = torch.randn(16, eq.fields_dim(obs_fields))
     with torch.no_grad():
         mean, log_std = actor(x)
@@ -101,10 +102,12 @@ def test_squashed_policy_gives_g_a_the_same_log_prob_under_g_s(eq, obs_fields, n
             assert_close(g_log_prob, log_prob)
 
 
+@pytest.mark.parametrize("path", ("forward", "reference_forward", "target"))  # fast, escnn, target critics
 @pytest.mark.parametrize("n", N_VALUES)
-def test_critic_is_invariant_for_every_element_of_dn(eq, obs_fields, n):
+def test_critic_is_invariant_for_every_element_of_dn(eq, obs_fields, n, path):
     torch.manual_seed(n)
-    qf = eq.SoftQNetworks(obs_fields, small_args(eq, n))
+    critics = eq.SoftQNetworks(obs_fields, small_args(eq, n))
+    qf = eq.TargetQNetworks(critics) if path == "target" else getattr(critics, path)
     x, a = torch.randn(16, eq.fields_dim(obs_fields)), torch.randn(16, 4)
     with torch.no_grad():
         q = qf(x, a)
