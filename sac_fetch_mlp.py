@@ -7,6 +7,7 @@ Its twin `sac_fetch_equivariant.py` (D_N-equivariant networks) differs only in t
 imports escnn.
 """
 
+import ctypes
 import importlib.util
 import json
 import math
@@ -322,6 +323,9 @@ class SoftQNetworks(torch.nn.Module):
         """[weight0, bias0, weight1, ...]: the parameters themselves."""
         return list(self.parameters())
 
+    def parameters_changed(self) -> None:
+        """Called after every optimizer step; nothing is derived from the parameters here."""
+
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self.forward_with(self.dense_weights(), x, a)
 
@@ -359,6 +363,9 @@ class Actor(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         out = self.net(x)  # (batch, 8): mean 4, log_std 4
         return out[:, :4], out[:, 4:]
+
+    def parameters_changed(self) -> None:
+        """Called after every optimizer step; nothing is derived from the parameters here."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -619,6 +626,19 @@ def check_rendering(env_id: str) -> None:
         ) from err
     finally:
         env.close()
+
+
+def retain_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory in the process instead of returning it to the OS: the update's larger
+    tensors (about 1 MB each in the main job) would otherwise be mapped afresh and page-faulted on every update,
+    about 5 % of the main job's update time on CPU. Changes no result; a no-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum: blocks below 32 MiB come from the heap
+    libc.mallopt(m_trim_threshold, 2**30)  # return free heap to the OS only beyond 1 GiB
 
 
 def check_finite(name: str, value: torch.Tensor, global_step: int) -> None:
@@ -956,6 +976,8 @@ def build_agent(obs_fields, args: Args, device):
     # fused Adam: about 1 ms less per update on CPU than the for-loop default; importing it costs about 1.5 s once
     opts = {"q": optim.Adam(qf.parameters(), lr=args.q_lr, fused=True),
             "actor": optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)}  # fmt: skip
+    for name, net in (("q", qf), ("actor", actor)):  # fused Adam changes parameters without bumping their versions
+        opts[name].register_step_post_hook(lambda *_, net=net: net.parameters_changed())
     alpha_state = {"alpha": args.alpha, "target_entropy": -4.0}  # -dim(A)
     if args.autotune:
         alpha_state["log_alpha"] = torch.tensor(math.log(max(args.alpha, 1e-8)), requires_grad=True, device=device)
@@ -964,6 +986,7 @@ def build_agent(obs_fields, args: Args, device):
 
 
 def main(args: Args) -> int:
+    retain_freed_memory()
     args.run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_path = os.path.join(args.run_dir, args.run_name)
     gym.register_envs(gymnasium_robotics)

@@ -286,6 +286,7 @@ def measure_update(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     mod = load_script(spec["path"], "speed_" + spec["label"].replace(" ", "_").replace("-", "_"))
+    getattr(mod, "retain_freed_memory", lambda: None)()  # as the script's main() does, where it has it
     args = make_args(mod, spec["env_id"], spec["args"])
     obs_fields = (mod.REACH_FIELDS if "Reach" in args.env_id else mod.OBJECT_FIELDS) + mod.GOAL_FIELDS
     torch.manual_seed(0)
