@@ -102,3 +102,80 @@ def test_fast_update_equals_the_reference_update(script, network_args, request):
     with torch.no_grad():
         assert_close("target Q", nets["qf_target"](x, a), Reference(ref["qf_target"])(x, a))
     assert alpha_state["alpha"] == pytest.approx(ref_alpha["alpha"], rel=1e-5)
+
+
+def test_passes_without_gradients_reuse_the_weights_until_a_step_or_a_load(eq):
+    """The equivariant networks cache their fast-path weights for passes that build no graph: reused while the
+    parameters are unchanged, recomputed after an optimizer step (fused Adam bumps no version counter), after
+    `load_state_dict` and after an in-place change."""
+    args = eq.Args(env_id="FetchPush-v4", dihedral_n=4, reg_rep_n=4)
+    fields = eq.OBJECT_FIELDS + eq.GOAL_FIELDS
+    torch.manual_seed(0)
+    nets, opts, _ = eq.build_agent(fields, args, torch.device("cpu"))
+    actor, qf = nets["actor"], nets["qf"]
+    x, a = torch.randn(16, eq.fields_dim(fields)), torch.rand(16, 4) * 2 - 1
+    critic, policy_mean = (lambda: qf(x, a)), (lambda: actor(x)[0])
+    with torch.no_grad():
+        cached = qf.dense_weights()
+        assert qf.dense_weights() is cached
+    for net, opt, output, reference in (
+        (qf, opts["q"], critic, lambda: qf.reference_forward(x, a)),
+        (actor, opts["actor"], policy_mean, lambda: actor.reference_forward(x)[0]),
+    ):
+        with torch.no_grad():
+            before = output()
+        opt.zero_grad()
+        output().pow(2).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            assert_close(f"{type(net).__name__} after an optimizer step", output(), reference())
+            assert (output() - before).abs().max() > 1e-6  # the step changed the function, and the cache followed
+    other = eq.SoftQNetworks(fields, args)
+    qf.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert_close("after load_state_dict", qf(x, a), other.reference_forward(x, a))
+        torch.nn.init.normal_(qf.qf1[0].weights, std=0.5)
+        assert_close("after an in-place change", qf(x, a), qf.reference_forward(x, a))
+
+
+@pytest.mark.parametrize("script,network_args", [("eq", {"dihedral_n": 8, "reg_rep_n": 4}),
+                                                 ("mlp", {"hidden_sizes": (64, 64)})])  # fmt: skip
+def test_bf16_runs_the_products_in_bfloat16_and_keeps_float32_state(script, network_args, request):
+    """--bf16: the update's matrix products run in bfloat16, every weight, target, optimizer state and loss stays
+    float32, and the losses stay within bfloat16 rounding of the float32 update on the same batches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
+                                        torch.ops.aten.baddbmm):  # fmt: skip
+                self.dtypes.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    mod = request.getfixturevalue(script)
+    fields = mod.OBJECT_FIELDS + mod.GOAL_FIELDS
+    logs = {False: {}, True: {}}
+    for bf16 in (False, True):
+        args = mod.Args(env_id="FetchPush-v4", batch_size=64, bf16=bf16, **network_args)
+        torch.manual_seed(0)
+        nets, opts, alpha_state = mod.build_agent(fields, args, torch.device("cpu"))
+        generator = torch.Generator().manual_seed(1)
+        with MatmulDtypes() as seen:
+            for update_idx in range(STEPS):
+                obs, next_obs = torch.randn(2, 64, mod.fields_dim(fields), generator=generator)
+                batch = mod.ReplayBatch(obs, next_obs, torch.rand(64, 4, generator=generator) * 2 - 1,
+                                        -torch.rand(64, 1, generator=generator))  # fmt: skip
+                torch.manual_seed(100 + update_idx)
+                logs[bf16].update(mod.sac_update(batch, nets, opts, args, alpha_state, update_idx, 1000 + update_idx))
+        assert torch.bfloat16 in seen.dtypes if bf16 else seen.dtypes == {torch.float32}
+        for name, net in nets.items():
+            assert {t.dtype for t in net.state_dict().values() if t.is_floating_point()} == {torch.float32}, name
+        for name, opt in opts.items():
+            assert {t.dtype for s in opt.state.values() for t in s.values() if t.dim() > 0} <= {torch.float32}, name
+    for key in ("losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss"):
+        assert logs[True][key].dtype == torch.float32
+        assert_close(key, logs[True][key], logs[False][key], rtol=0.05)
