@@ -75,13 +75,16 @@ class Args:
     total_timesteps: int = 1_000_000
     """total environment steps (transitions, summed over the `num_envs` environments)"""
     num_envs: int = 1
-    """the number of parallel training environments (one gradient update per vector step)"""
+    """the number of parallel training environments"""
     vector_env_mode: Literal["sync", "async"] = "sync"
     """gymnasium vector env: `sync` steps the environments in this process, `async` in subprocesses"""
     buffer_size: int = 1_000_000
     """the replay memory size in transitions (stored as whole episodes)"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
+    update_ratio: float = 1.0
+    """gradient updates (critic updates) per environment transition after `learning_starts`: 0.25 is one update
+    every 4 transitions; a vector step of `num_envs` transitions runs `num_envs * update_ratio` on average"""
     bf16: bool = False
     """if toggled, the update's network passes run under bfloat16 autocast (CPUs with AVX512-BF16, GPUs); weights,
     optimizer states and losses stay float32 (off: the float32 algorithm)"""
@@ -102,9 +105,14 @@ class Args:
     alpha: float = 0.2
     """entropy regularization coefficient (initial value when `autotune`)"""
     autotune: bool = True
-    """automatic tuning of the entropy coefficient toward a target entropy of -dim(A)"""
+    """automatic tuning of the entropy coefficient toward `target_entropy`"""
+    target_entropy: float = -4.0
+    """the policy entropy (nats) the coefficient is tuned toward (Haarnoja et al. 2018's heuristic: -dim(A) = -4)"""
     her_k: int = 4
     """HER relabelled goals per real transition ('future' strategy); 0 disables HER"""
+    obs_norm: bool = True
+    """if toggled, network inputs are normalised by running statistics of the collected observations and goals, in
+    a form that keeps the D_N symmetry (`ObservationNormalizer`); frozen during evaluation"""
     eval_frequency: int = 10_000
     """environment steps between evaluations (a final evaluation always runs at the end)"""
     eval_episodes: int = 10
@@ -800,6 +808,75 @@ class HerReplayBuffer:
         self.rng.bit_generator.state = state["rng"]
 
 
+class ObservationNormalizer(torch.nn.Module):
+    """Running normalisation of the network inputs (observation fields, then the goal) that commutes with D_N for
+    every N, applied identically in both twins. Per field kind (see `to_base_frame`):
+
+        scalar        (x - mean) / std
+        pseudoscalar  x / sqrt(E[x^2])                     no shift: the mirror negates it
+        vector        v / sqrt(E[|v|^2] / 2), one scale    no shift: a planar vector has no invariant part for N >= 2
+
+    with every scale at least `eps`, then clipped to `clip`: scalars and pseudoscalars elementwise, vectors by their
+    norm (an elementwise clip would break the rotations). Statistics are float64 sums over the rows given to
+    `update`, kept as buffers (saved in checkpoints and model.pt); nothing updates them during evaluation. After
+    Plappert et al. 2018 (HER baselines: running mean/std, eps 0.01, clip 5), restricted to the D_N-equivariant form.
+
+    Input and output: (batch, fields_dim(fields)) float32. With `enabled=False`, or before any `update`, the identity
+    (up to the clip).
+    """
+
+    def __init__(self, fields, enabled: bool = True, clip: float = 5.0, eps: float = 0.01):
+        super().__init__()
+        self.enabled, self.clip, self.eps = enabled, clip, eps
+        kinds = [kind for _, kind in fields for _ in range(KIND_SIZE[kind])]
+        index = lambda kind: torch.tensor([i for i, k in enumerate(kinds) if k == kind], dtype=torch.long)  # noqa: E731
+        self.register_buffer("scalar_idx", index("scalar"), persistent=False)
+        self.register_buffer("pseudo_idx", index("pseudoscalar"), persistent=False)
+        self.register_buffer("vector_idx", index("vector").view(-1, 2), persistent=False)  # (x, y) channel pairs
+        dim = len(kinds)
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("sum_sq", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("shift", torch.zeros(dim), persistent=False)
+        self.register_buffer("scale", torch.ones(dim), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh())
+
+    @torch.no_grad()
+    def update(self, rows: np.ndarray) -> None:
+        """Add (n, dim) collected network inputs to the statistics."""
+        if not self.enabled:
+            return
+        x = torch.as_tensor(rows, dtype=torch.float64, device=self.sum.device)
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.sum_sq += x.square().sum(0)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute `shift` and `scale` from the sums (also after `load_state_dict`)."""
+        if self.count == 0:
+            self.shift.zero_(), self.scale.fill_(1.0)
+            return
+        mean, second = self.sum / self.count, self.sum_sq / self.count
+        shift, scale = torch.zeros_like(mean), torch.ones_like(mean)
+        s, p, v = self.scalar_idx, self.pseudo_idx, self.vector_idx
+        shift[s], scale[s] = mean[s], (second[s] - mean[s].square()).clamp_min(0.0).sqrt()
+        scale[p] = second[p].sqrt()
+        scale[v] = (second[v].sum(1, keepdim=True) / 2).sqrt()  # (pairs, 1) -> both channels of each pair
+        self.shift.copy_(shift), self.scale.copy_(scale.clamp_min(self.eps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        y = (x - self.shift) / self.scale
+        out = y.clamp(-self.clip, self.clip)
+        v = y[:, self.vector_idx]  # (batch, pairs, 2)
+        norm = torch.linalg.vector_norm(v, dim=2, keepdim=True)
+        out[:, self.vector_idx] = v * (self.clip / norm.clamp_min(self.clip))  # radial clip: |v| <= clip
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Plumbing: arguments, evaluation, checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
@@ -827,6 +904,7 @@ def validate_args(args: Args) -> None:
          f"--target-network-frequency must be >= 1, got {args.target_network_frequency}"),
         (args.alpha >= 0, f"--alpha must be >= 0, got {args.alpha}"),
         (args.her_k >= 0, f"--her-k must be >= 0, got {args.her_k}"),
+        (0.0 < args.update_ratio <= 64.0, f"--update-ratio must be in (0, 64], got {args.update_ratio}"),
         (args.checkpoint_frequency >= 0,
          f"--checkpoint-frequency must be >= 0 (0: checkpoints only at the end and on a signal), "
          f"got {args.checkpoint_frequency}"),
@@ -924,7 +1002,7 @@ def obs_tensor(obs: dict, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(actor, eval_envs, seed: int, device, episodes: int | None = None, prefix: str = "eval") -> dict:
+def evaluate(actor, obs_norm, eval_envs, seed: int, device, episodes: int | None = None, prefix: str = "eval") -> dict:
     """`episodes` deterministic episodes (the squashed mean action; no random number is drawn), default one per eval
     env, run in batches of `eval_envs.num_envs`: env i of batch k starts from `reset(seed=seed + k * num_envs + i)`.
 
@@ -938,7 +1016,7 @@ def evaluate(actor, eval_envs, seed: int, device, episodes: int | None = None, p
         obs, _ = eval_envs.reset(seed=batch_seed)
         batch_returns = np.zeros(eval_envs.num_envs)
         for _ in range(episode_length):
-            mean, _ = actor(obs_tensor(obs, device))
+            mean, _ = actor(obs_norm(obs_tensor(obs, device)))
             obs, rewards, _, _, infos = eval_envs.step(squash(mean).cpu().numpy())
             batch_returns += rewards
         successes.extend(infos["is_success"])
@@ -1121,9 +1199,11 @@ def evaluate_checkpoint(path: str, eval_episodes: int = 10, seed: int = 0) -> di
     state = load_saved(path)
     args = Args(**state["args"])
     eval_envs = make_vector_env(args.env_id, eval_episodes, "sync")
-    actor = Actor(eval_envs.get_attr("fields")[0], args)
+    fields = eval_envs.get_attr("fields")[0]
+    actor, obs_norm = Actor(fields, args), ObservationNormalizer(fields, enabled=args.obs_norm)
     actor.load_state_dict(state["actor"])
-    result = evaluate(actor, eval_envs, seed, "cpu")
+    obs_norm.load_state_dict(state["obs_norm"])
+    result = evaluate(actor, obs_norm, eval_envs, seed, "cpu")
     eval_envs.close()
     return {"global_step": state["global_step"], **result}
 
@@ -1155,7 +1235,10 @@ class Progress:
 # ---------------------------------------------------------------------------------------------------------------------
 def sac_update(batch: ReplayBatch, nets: dict, opts: dict, args: Args, alpha_state: dict, update_idx: int,
                global_step: int) -> dict:  # fmt: skip
-    """One SAC critic update, and `policy_frequency` actor (+ alpha) updates every `policy_frequency` calls."""
+    """One SAC critic update, and `policy_frequency` actor (+ alpha) updates every `policy_frequency` calls.
+    `batch` holds raw network inputs; they are normalised here (`ObservationNormalizer`)."""
+    norm = nets["obs_norm"]
+    batch = batch._replace(observations=norm(batch.observations), next_observations=norm(batch.next_observations))
     actor, qf, qf_target = nets["actor"], nets["qf"], nets["qf_target"]
     alpha = alpha_state["alpha"]
     with torch.no_grad(), autocast(args, batch):
@@ -1242,13 +1325,14 @@ class TargetQNetworks(torch.nn.Module):
 
 def build_agent(obs_fields, args: Args, device):
     actor, qf = Actor(obs_fields, args).to(device), SoftQNetworks(obs_fields, args).to(device)
-    nets = {"actor": actor, "qf": qf, "qf_target": TargetQNetworks(qf)}
+    nets = {"actor": actor, "qf": qf, "qf_target": TargetQNetworks(qf),
+            "obs_norm": ObservationNormalizer(obs_fields, enabled=args.obs_norm).to(device)}  # fmt: skip
     # fused Adam: about 1 ms less per update on CPU than the for-loop default; importing it costs about 1.5 s once
     opts = {"q": optim.Adam(qf.parameters(), lr=args.q_lr, fused=True),
             "actor": optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)}  # fmt: skip
     for name, net in (("q", qf), ("actor", actor)):  # fused Adam changes parameters without bumping their versions
         opts[name].register_step_post_hook(lambda *_, net=net: net.parameters_changed())
-    alpha_state = {"alpha": args.alpha, "target_entropy": -4.0}  # -dim(A)
+    alpha_state = {"alpha": args.alpha, "target_entropy": args.target_entropy}
     if args.autotune:
         alpha_state["log_alpha"] = torch.tensor(math.log(max(args.alpha, 1e-8)), requires_grad=True, device=device)
         opts["alpha"] = optim.Adam([alpha_state["log_alpha"]], lr=args.q_lr)
@@ -1336,30 +1420,24 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
     # a new run seeds the envs; a resumed one continues their restored np_random, like every reset below
     obs, _ = envs.reset(seed=None if loop.global_step else args.seed)
     logs = {}  # the latest value of every loss (actor losses come every policy_frequency updates)
+    log = lambda: log_losses(logs, writer, loop, progress, (loop.global_step - start_step) / (time.time() - start_time))
     while loop.global_step < args.total_timesteps:
         if loop.global_step < args.learning_starts:
             actions = random_actions(args.num_envs, action_rng)
         else:
             with torch.no_grad():
-                actions = get_action(nets["actor"], obs_tensor(obs, device))[0].cpu().numpy()
+                actions = get_action(nets["actor"], nets["obs_norm"](obs_tensor(obs, device)))[0].cpu().numpy()
 
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
         rb.add(obs, next_obs, actions, terminations, truncations)
+        nets["obs_norm"].update(np.concatenate([next_obs["observation"], next_obs["desired_goal"]], 1))
         loop.global_step += args.num_envs
         obs = next_obs
         episode_end = terminations | truncations  # Fetch: all envs at once, every max_episode_steps steps
         log_episodes(infos, episode_end, writer, loop.global_step)
 
         if loop.global_step > args.learning_starts and rb.num_episodes > 0:
-            logs.update(sac_update(rb.sample(args.batch_size), nets, opts, args, alpha_state, loop.update_idx,
-                                   loop.global_step))  # fmt: skip
-            loop.update_idx += 1
-            if loop.update_idx % 100 == 0:
-                for key, value in logs.items():
-                    writer.add_scalar(key, value.item(), loop.global_step)
-                sps = int((loop.global_step - start_step) / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, loop.global_step)
-                progress.maybe_print(loop.global_step, sps, (loop.last_eval or {}).get("eval/success_rate"))
+            run_updates(args, rb, agent, loop, logs, log)
 
         if loop.global_step >= loop.next_eval or loop.global_step >= args.total_timesteps:
             loop.last_eval = run_evaluation(args, agent, eval_envs, loop, writer, run_path, device)
@@ -1368,7 +1446,34 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
         if episode_end.all():  # crucial: checkpoints only here, so that a resumed run continues exactly
             maybe_checkpoint(args, agent, rb, envs, loop, action_rng, run_path, stop)
             obs, _ = envs.reset()
-    return {**loop.last_eval, **heldout_evaluation(args, nets["actor"], eval_envs, writer, loop.global_step, device)}
+    return {**loop.last_eval, **heldout_evaluation(args, nets, eval_envs, writer, loop.global_step, device)}
+
+
+def run_updates(args, rb, agent, loop: LoopState, logs: dict, log) -> None:
+    """The updates due at this step (`updates_due`), each on a fresh replay batch; `logs` keeps the latest value of
+    every loss (actor losses come every `policy_frequency` updates) and `log()` runs after every 100th update."""
+    nets, opts, alpha_state = agent
+    for _ in range(updates_due(args, loop)):
+        batch = rb.sample(args.batch_size)
+        logs.update(sac_update(batch, nets, opts, args, alpha_state, loop.update_idx, loop.global_step))
+        loop.update_idx += 1
+        if loop.update_idx % 100 == 0:
+            log()
+
+
+def updates_due(args, loop: LoopState) -> int:
+    """Critic updates to run now: `update_ratio` per transition after `learning_starts`, minus those already run
+    (a function of the counters, so a resumed run keeps the schedule)."""
+    steps = loop.global_step - args.learning_starts
+    return max(0, math.floor(steps * args.update_ratio + 1e-9) - loop.update_idx)
+
+
+def log_losses(logs: dict, writer, loop: LoopState, progress, sps: float) -> None:
+    """The latest value of every loss, charts/SPS and a progress line (every 100 updates)."""
+    for key, value in logs.items():
+        writer.add_scalar(key, value.item(), loop.global_step)
+    writer.add_scalar("charts/SPS", int(sps), loop.global_step)
+    progress.maybe_print(loop.global_step, int(sps), (loop.last_eval or {}).get("eval/success_rate"))
 
 
 def maybe_checkpoint(args, agent, rb, envs, loop: LoopState, action_rng, run_path: str, stop: StopRequest) -> None:
@@ -1397,7 +1502,7 @@ def log_episodes(infos: dict, done: np.ndarray, writer, global_step: int) -> Non
         writer.add_scalar("charts/success_rate", float(np.mean(infos["is_success"][done])), global_step)
 
 
-def heldout_evaluation(args, actor, eval_envs, writer, global_step: int, device) -> dict:
+def heldout_evaluation(args, nets, eval_envs, writer, global_step: int, device) -> dict:
     """The final evaluation on `final_eval_episodes` episodes whose initial states no periodic evaluation sees
     (seeds from seed + 2_000_000): logged as `heldout/*` and printed as one JSON line without `eval_idx`."""
     if args.final_eval_episodes == 0:
@@ -1405,7 +1510,15 @@ def heldout_evaluation(args, actor, eval_envs, writer, global_step: int, device)
     if args.capture_video:  # one video of the held-out evaluation too: its first episode
         first = iter([True])
         eval_envs.envs[0].set_wrapper_attr("episode_trigger", lambda _: next(first, False))
-    result = evaluate(actor, eval_envs, args.seed + 2_000_000, device, args.final_eval_episodes, prefix="heldout")
+    result = evaluate(
+        nets["actor"],
+        nets["obs_norm"],
+        eval_envs,
+        args.seed + 2_000_000,
+        device,
+        args.final_eval_episodes,
+        prefix="heldout",
+    )
     for key, value in result.items():
         writer.add_scalar(key, value, global_step)
     record = {"global_step": global_step, **result, "heldout/episodes": args.final_eval_episodes}
@@ -1415,7 +1528,7 @@ def heldout_evaluation(args, actor, eval_envs, writer, global_step: int, device)
 
 def run_evaluation(args, agent, eval_envs, loop: LoopState, writer, run_path, device) -> dict:
     """Evaluate, log to TensorBoard, print the JSON line, append it to evals.jsonl, save the model if asked."""
-    result = evaluate(agent[0]["actor"], eval_envs, args.seed + 1_000_000, device)
+    result = evaluate(agent[0]["actor"], agent[0]["obs_norm"], eval_envs, args.seed + 1_000_000, device)
     for key, value in result.items():
         writer.add_scalar(key, value, loop.global_step)
     record = {"eval_idx": loop.eval_idx, "global_step": loop.global_step, **result}

@@ -28,6 +28,7 @@ BAD_ARGS = [
     ({"num_envs": 0}, "--num-envs must be >= 1, got 0"),
     ({"policy_frequency": 0}, "--policy-frequency must be >= 1, got 0"),
     ({"q_lr": -1.0}, "learning rates must be > 0"),
+    ({"update_ratio": 0.0}, "--update-ratio must be in (0, 64], got 0.0"),
 ]
 
 

@@ -172,3 +172,46 @@ def test_target_networks_follow_polyak_averaging_of_the_parameters(eq, obs_field
         target.update(source, tau=1.0)
         assert_close(target(x, a), source(x, a))
     assert {key.split(".")[0] for key in source.state_dict()} == {"qf1", "qf2"}  # escnn parameters only
+
+
+def skewed_statistics(norm, dim: int, seed: int = 0) -> None:
+    """Fill an ObservationNormalizer with data far from symmetric: nonzero means, unequal spreads."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(1000, dim, generator=g) * torch.linspace(0.05, 3.0, dim) + torch.linspace(-2.0, 4.0, dim)
+    norm.update(rows.numpy())
+
+
+@pytest.mark.parametrize("n", N_VALUES)
+def test_observation_normalizer_commutes_with_every_element_of_dn(eq, obs_fields, n):
+    """Whatever the statistics, the normaliser's form (no shift for vectors and pseudoscalars, one scale per vector,
+    radial clip) commutes with D_N, clipping included (inputs up to 30 standard deviations)."""
+    norm = eq.ObservationNormalizer(obs_fields)
+    dim = eq.fields_dim(obs_fields)
+    skewed_statistics(norm, dim)
+    x = torch.randn(64, dim, generator=torch.Generator().manual_seed(n)) * 10.0
+    assert (norm(x).abs() == norm.clip).any()  # the clip is exercised
+    for flip, theta in elements(n):
+        g = action_matrix(obs_fields, flip, theta)
+        assert_close(norm(x @ g.T), norm(x) @ g.T)
+
+
+@pytest.mark.parametrize("n", (3, 8))
+def test_actor_on_normalised_inputs_is_equivariant(eq, obs_fields, n):
+    torch.manual_seed(n)
+    actor, norm = eq.Actor(obs_fields, small_args(eq, n)), eq.ObservationNormalizer(obs_fields)
+    skewed_statistics(norm, eq.fields_dim(obs_fields), seed=n)
+    x = torch.randn(16, eq.fields_dim(obs_fields)) * 3.0
+    with torch.no_grad():
+        mean, _ = actor(norm(x))
+        for flip, theta in elements(n):
+            g_mean, _ = actor(norm(x @ action_matrix(obs_fields, flip, theta).T))
+            assert_close(g_mean, mean @ action_matrix(eq.ACTION_FIELDS, flip, theta).T)
+
+
+def test_a_per_dimension_normalizer_would_break_the_symmetry(eq, obs_fields):
+    """The check above can fail: per-channel mean/std (the usual normaliser) does not commute with a rotation."""
+    dim = eq.fields_dim(obs_fields)
+    rows = torch.randn(1000, dim) * torch.linspace(0.05, 3.0, dim) + torch.linspace(-2.0, 4.0, dim)
+    mean, std = rows.mean(0), rows.std(0)
+    x, g = torch.randn(8, dim), action_matrix(obs_fields, 0, math.pi / 2)
+    assert ((((x @ g.T) - mean) / std) - ((x - mean) / std) @ g.T).abs().max() > 0.1

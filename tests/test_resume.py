@@ -56,8 +56,8 @@ def load(path) -> dict:
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
-    """Networks, target networks, optimizers and counters identical, bit for bit."""
-    for key in ("actor", "qf", "qf_target"):
+    """Networks, target networks, normaliser statistics, optimizers and counters identical, bit for bit."""
+    for key in ("actor", "qf", "qf_target", "obs_norm"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs"
     for key in ("q_optimizer", "actor_optimizer", "alpha_optimizer"):

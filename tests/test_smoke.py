@@ -117,3 +117,32 @@ def test_async_vector_env_with_several_envs_counts_transitions_not_reset_steps(t
     (run_path,) = glob.glob(str(tmp_path / "runs" / "*"))
     lengths = EventAccumulator(run_path).Reload().Scalars("charts/episodic_length")
     assert [e.value for e in lengths] == [50.0] * 8 and sorted({e.step for e in lengths}) == [200, 400]
+
+
+@pytest.mark.parametrize("script", ["eq", "mlp"])
+def test_update_ratio_schedules_updates_per_transition(script, request):
+    """update_ratio r: after learning_starts, floor((global_step - learning_starts) * r) updates have run, whatever
+    num_envs is (a function of the counters, so a resumed run keeps the schedule)."""
+    m = request.getfixturevalue(script)
+    due = []
+    for num_envs, ratio in ((1, 0.25), (4, 0.25), (1, 1.5), (3, 1.0)):
+        args = m.Args(num_envs=num_envs, update_ratio=ratio, learning_starts=100)
+        loop, counts = m.LoopState(global_step=100), []
+        for _ in range(8):
+            loop.global_step += num_envs
+            counts.append(m.updates_due(args, loop))
+            loop.update_idx += counts[-1]
+        due.append(counts)
+    assert due == [[0, 0, 0, 1, 0, 0, 0, 1], [1] * 8, [1, 2, 1, 2, 1, 2, 1, 2], [3] * 8]
+
+
+def test_a_quarter_update_ratio_logs_losses_at_the_expected_steps(tmp_path):
+    """A real run: with --update-ratio 0.25 the 100th and 200th updates (the loss log points) come at global steps
+    150 + 400 and 150 + 800."""
+    args = smoke_args("Push", "mlp", tmp_path / "runs") + ["--update-ratio", "0.25"]
+    args[args.index("--total-timesteps") + 1] = "1000"
+    args[args.index("--eval-frequency") + 1] = "1000"
+    result = run_script("mlp", args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_path,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert [p.step for p in EventAccumulator(run_path).Reload().Scalars("losses/qf1_loss")] == [550, 950]
