@@ -135,8 +135,8 @@ class Interrupt:
 # Fair comparison: both presets are the shared dimensions plus one capacity dimension each, matched by parameters.
 # The equivariant critic on the object tasks has 9.5k .. 530k parameters over dihedral_n x reg_rep_n (7 distinct counts,
 # 2N * reg_rep_n^2 in its hidden layer); the MLP widths below give whole-critic counts within 3 % of those 7 (a test
-# builds both and checks). FLOPs are not matched: at equal parameters the equivariant layer's expanded weight is
-# sqrt(2N) times wider, so it does 2N times the multiply-adds of the MLP's.
+# builds both and checks). FLOPs are not matched: at equal parameters escnn's dense expansion would do 2N times the
+# MLP's multiply-adds; the scripts' Fourier-block path does 1.5-3 times (blocks plus the group transforms).
 SAC_FETCH_SHARED = {
     "policy_lr": "loguniform:1e-4,1e-3",
     "q_lr": "loguniform:1e-4,2e-3",

@@ -22,7 +22,9 @@ What each figure means:
               dependency: it is installed into /tmp/sb3site when missing and put on the run's PYTHONPATH.
     bf16-sb3  the same with `sac_fetch_mlp.py --bf16`, run only if the working tree's `--help` lists `--bf16`.
   Training runs get `--eval-frequency STEPS --eval-episodes 2` and `--final-eval-episodes 0` where `--help` lists it,
-  so the one evaluation (at the last step, after the last loss point) costs little and lies outside the window.
+  so the one evaluation (at the last step, after the last loss point) costs little and lies outside the window, and
+  `--update-ratio 1 --no-obs-norm` where `--help` lists them: one update per env step and no observation normaliser,
+  the settings of the base commit and of SB3, whatever the scripts' defaults are.
 
 - Per update (`update`): in-process microbenchmark, one torch thread, of `sac_update` on a random batch of 256 (the
   replay buffer and the env are left out). After 20 warm-up updates, `--update-calls` calls are timed with
@@ -161,7 +163,10 @@ def start_run(run: Run, steps: int, work_dir: str) -> tuple[subprocess.Popen, li
         env["PYTHONPATH"] = os.pathsep.join(p for p in (SB3_SITE, os.environ.get("PYTHONPATH")) if p)
     else:
         final_eval = ["--final-eval-episodes", "0"] if has_flag(run.script, "--final-eval-episodes") else []
-        extra = ["--eval-episodes", "2", *final_eval]
+        # the issue's settings on every script version: one update per env step, no observation normaliser
+        regime = [*(["--update-ratio", "1"] if has_flag(run.script, "--update-ratio") else []),
+                  *(["--no-obs-norm"] if has_flag(run.script, "--obs-norm") else [])]  # fmt: skip
+        extra = ["--eval-episodes", "2", *final_eval, *regime]
         cmd = training_command(run.script, run.env_id, steps, files["runs"], [*extra, *run.extra])
     with open(files["stdout"], "w") as out, open(files["stderr"], "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
@@ -277,7 +282,10 @@ def make_args(mod, env_id: str, overrides: dict):
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"Args has no field {sorted(unknown)}; fields: {sorted(fields)}")
-    return mod.Args(env_id=env_id, **overrides, **({"cuda": False} if "cuda" in fields else {}))
+    fixed = {"cuda": False, "obs_norm": False}  # CPU; the update itself, without the observation normaliser
+    return mod.Args(
+        env_id=env_id, **{k: v for k, v in fixed.items() if k in fields and k not in overrides}, **overrides
+    )
 
 
 def measure_update(spec: dict) -> dict:
