@@ -88,9 +88,9 @@ class Args:
     bf16: bool = False
     """if toggled, the update's network passes run under bfloat16 autocast (CPUs with AVX512-BF16, GPUs); weights,
     optimizer states and losses stay float32 (off: the float32 algorithm)"""
-    gamma: float = 0.98
+    gamma: float = 0.95
     """the discount factor gamma"""
-    tau: float = 0.005
+    tau: float = 0.05
     """target smoothing coefficient (Polyak averaging)"""
     policy_lr: float = 3e-4
     """the learning rate of the policy network optimizer"""

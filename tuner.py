@@ -140,9 +140,10 @@ class Interrupt:
 SAC_FETCH_SHARED = {
     "policy_lr": "loguniform:1e-4,1e-3",
     "q_lr": "loguniform:1e-4,2e-3",
-    "gamma": "uniform:0.95,0.999",
-    "tau": "loguniform:1e-3,2e-2",
+    "gamma": "uniform:0.9,0.999",
+    "tau": "loguniform:1e-3,1e-1",
     "batch_size": "choice:128,256,512",
+    "update_ratio": "choice:0.25,0.5,1",
 }
 SAC_FETCH_CAPACITY = {
     "sac_fetch_mlp": {"hidden_sizes": "choice:79 79,114 114,167 167,241 241,348 348,497 497,708 708"},

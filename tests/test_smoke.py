@@ -66,7 +66,7 @@ def test_training_runs_past_learning_starts_and_logs(script, task, tmp_path):
                 "eval/success_rate", "eval/return", "heldout/success_rate", "heldout/return"):  # fmt: skip
         assert tag in scalars, tag
     qf1 = EventAccumulator(run_path).Reload().Scalars("losses/qf1_loss")
-    assert len(qf1) == 1 and qf1[0].step > LEARNING_STARTS  # 150 updates, logged every 100
+    assert [p.step for p in qf1] == [250]  # update_ratio 1: 150 updates, the 100th at step 250
     episodes = EventAccumulator(run_path).Reload().Scalars("charts/episodic_length")
     assert [e.value for e in episodes] == [50.0] * (TOTAL // 50)
 
@@ -138,7 +138,7 @@ def test_update_ratio_schedules_updates_per_transition(script, request):
 
 def test_a_quarter_update_ratio_logs_losses_at_the_expected_steps(tmp_path):
     """A real run: with --update-ratio 0.25 the 100th and 200th updates (the loss log points) come at global steps
-    150 + 400 and 150 + 800."""
+    150 + 400 and 150 + 800 (learning_starts 150)."""
     args = smoke_args("Push", "mlp", tmp_path / "runs") + ["--update-ratio", "0.25"]
     args[args.index("--total-timesteps") + 1] = "1000"
     args[args.index("--eval-frequency") + 1] = "1000"

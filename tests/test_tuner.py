@@ -110,9 +110,10 @@ def test_both_presets_are_the_shared_dims_plus_one_capacity_dimension_each():
     space = tuner.build_space("sac_fetch_equivariant", [], "sac_fetch_equivariant.py")
     assert space["policy_lr"] == FloatDistribution(1e-4, 1e-3, log=True)
     assert space["q_lr"] == FloatDistribution(1e-4, 2e-3, log=True)
-    assert space["gamma"] == FloatDistribution(0.95, 0.999)
-    assert space["tau"] == FloatDistribution(1e-3, 2e-2, log=True)
+    assert space["gamma"] == FloatDistribution(0.9, 0.999)
+    assert space["tau"] == FloatDistribution(1e-3, 1e-1, log=True)
     assert space["batch_size"] == CategoricalDistribution([128, 256, 512])
+    assert space["update_ratio"] == CategoricalDistribution([0.25, 0.5, 1])
     assert space["dihedral_n"] == CategoricalDistribution([4, 8, 16])
     assert space["reg_rep_n"] == CategoricalDistribution([32, 64, 128])
 
