@@ -1,0 +1,947 @@
+# docs and experiment results: docs/ppo_rpo.md
+"""RPO on gymnasium MuJoCo v5 (and any env with Box observations and actions): CleanRL's `rpo_continuous_action.py`
+algorithm and defaults on gymnasium 1.x, with truncation bootstrapping, observation and reward normalisation whose
+statistics are saved with the model and frozen at evaluation, held-out evaluation and exact resume.
+
+RPO: Rahman and Xue 2022, "Robust Policy Optimization in Deep Reinforcement Learning" (arXiv:2212.07536), Algorithm 1:
+PPO whose update evaluates log pi(a|s) under N(mu(s) + z, sigma), z ~ U(-alpha, alpha) per action dimension.
+PPO: Schulman et al. 2017 (arXiv:1707.06347), Eq. 7, 9, 11-12; details as in Huang et al. 2022, "The 37
+Implementation Details of Proximal Policy Optimization" (continuous-action details), i.e. CleanRL's PPO.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, NamedTuple
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (Python, NumPy, torch, minibatch shuffling, environments)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "equivariant-rl"
+    """the wandb project name"""
+    capture_video: bool = False
+    """if toggled, the first episode of every evaluation (the held-out one's too) is saved as a video in
+    `<run_dir>/<run_name>/videos` (headless: MUJOCO_GL=egl)"""
+    save_model: bool = False
+    """if toggled, the agent and its normalisation statistics are saved to `<run_dir>/<run_name>/model.pt` at every
+    evaluation"""
+    checkpoint_frequency: int = 200_000
+    """environment steps between training checkpoints (`<run_dir>/<run_name>/checkpoint.pt`), written at the first
+    update boundary past each multiple, at the end, and on SIGUSR1/SIGTERM; 0: only the latter"""
+    run_dir: str = "runs"
+    """the folder that holds one sub-folder per run"""
+    run_name: str | None = None
+    """the run folder's name (default `{env_id}__{exp_name}__{seed}__{unix_time}`); if `<run_dir>/<run_name>/` holds a
+    checkpoint, the run resumes from it"""
+
+    # Algorithm specific arguments
+    env_id: str = "HalfCheetah-v5"
+    """a gymnasium env with Box observations and actions, e.g. the MuJoCo v5 tasks HalfCheetah, Hopper, Walker2d,
+    Ant, Humanoid"""
+    total_timesteps: int = 8_000_000
+    """total environment steps (transitions, summed over the `num_envs` environments); the run stops at the last
+    whole update, `(total_timesteps // (num_envs * num_steps)) * num_envs * num_steps`"""
+    num_envs: int = 1
+    """the number of parallel environments"""
+    vector_env_mode: Literal["sync", "async"] = "sync"
+    """gymnasium vector env: `sync` steps the environments in this process, `async` in subprocesses"""
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer"""
+    num_steps: int = 2048
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """if toggled, the learning rate falls linearly to 0 over the updates"""
+    gamma: float = 0.99
+    """the discount factor gamma (also of the reward normalisation's return)"""
+    gae_lambda: float = 0.95
+    """the lambda for the generalized advantage estimation"""
+    num_minibatches: int = 32
+    """the number of mini-batches per epoch (must divide num_envs * num_steps)"""
+    update_epochs: int = 10
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """if toggled, advantages are normalised per minibatch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """if toggled, the value loss is clipped as the surrogate (PPO2's value clipping)"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: float | None = None
+    """the target KL divergence threshold: an update stops after the epoch whose last minibatch exceeds it"""
+    rpo_alpha: float = 0.5
+    """RPO's alpha: the update perturbs the action mean by z ~ U(-alpha, alpha) per dimension (0: plain PPO)"""
+    torch_threads: int = 1
+    """torch's intra-op threads (0: torch's default); these 64-unit networks run fastest on one"""
+    eval_frequency: int = 200_000
+    """environment steps between evaluations, at the first update boundary past each multiple (a final evaluation
+    always runs at the end)"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes per evaluation (one evaluation environment each)"""
+    final_eval_episodes: int = 100
+    """episodes of the held-out final evaluation, from seeds no periodic evaluation uses, reported apart as
+    `heldout/*` (the number to publish; tuners select on `eval/*`); 0 skips it"""
+
+
+def batch_size(args: Args) -> int:
+    """Transitions per update (CleanRL's `args.batch_size`)."""
+    return args.num_envs * args.num_steps
+
+
+def num_iterations(args: Args) -> int:
+    """Updates of the whole run (CleanRL's `args.num_iterations`)."""
+    return args.total_timesteps // batch_size(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment: gymnasium MuJoCo with a savable state; normalisation of observations and rewards
+# ---------------------------------------------------------------------------------------------------------------------
+class SavableMujoco(gym.Wrapper):
+    """Outermost wrapper: the complete state of a MuJoCo env as `state`, a property so that vector envs can
+    `get_attr`/`set_attr` it: MuJoCo's integration state (time, qpos, qvel, act, warm start, controls; mj_getState),
+    the env's `np_random` (reset noise) and the time limit's step count. A restored env continues its episode
+    exactly. For a non-MuJoCo env only `np_random` and the step count are saved (its episodes restart on resume)."""
+
+    SPEC = mujoco.mjtState.mjSTATE_INTEGRATION
+
+    def _time_limit(self):
+        env = self.env
+        while isinstance(env, gym.Wrapper) and not isinstance(env, gym.wrappers.TimeLimit):
+            env = env.env
+        return env if isinstance(env, gym.wrappers.TimeLimit) else None
+
+    @property
+    def state(self) -> dict:
+        base, time_limit = self.unwrapped, self._time_limit()
+        state = {"np_random": base.np_random.bit_generator.state,
+                 "elapsed_steps": time_limit._elapsed_steps if time_limit else None}  # fmt: skip
+        if hasattr(base, "model") and hasattr(base, "data"):
+            physics = np.empty(mujoco.mj_stateSize(base.model, self.SPEC))
+            mujoco.mj_getState(base.model, base.data, physics, self.SPEC)
+            state["physics"] = torch.from_numpy(physics)
+        return state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        base, time_limit = self.unwrapped, self._time_limit()
+        base.np_random.bit_generator.state = state["np_random"]
+        if time_limit is not None:
+            time_limit._elapsed_steps = state["elapsed_steps"]
+        if "physics" in state:
+            mujoco.mj_setState(base.model, base.data, state["physics"].numpy(), self.SPEC)
+
+
+def make_env(env_id: str, capture_video: bool = False, video_dir: str = ""):
+    def thunk():
+        if capture_video:
+            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: False, disable_logger=True)
+        else:
+            env = gym.make(env_id)
+        return SavableMujoco(env)
+
+    return thunk
+
+
+def make_vector_env(env_id: str, num_envs: int, mode: str, capture_video: bool = False, video_dir: str = ""):
+    """`num_envs` envs with raw observations and rewards (normalisation is the training loop's), autoreset in the same
+    step: the final observation of an ended episode is in `infos["final_obs"]`."""
+    thunks = [make_env(env_id, capture_video and i == 0, video_dir) for i in range(num_envs)]
+    vector_cls = gym.vector.AsyncVectorEnv if mode == "async" else gym.vector.SyncVectorEnv
+    return vector_cls(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+class RunningMeanStd:
+    """Running mean and variance of batches (Chan et al. 1979's parallel update), float64, as gymnasium's
+    `RunningMeanStd`; `state_dict` and `load_state_dict` save and restore it exactly."""
+
+    def __init__(self, shape=(), epsilon: float = 1e-4):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), epsilon
+
+    def update(self, x: np.ndarray) -> None:
+        """Add a batch x of shape (batch, *shape)."""
+        batch_count = x.shape[0]
+        batch_mean, batch_var = (x[0], 0.0) if batch_count == 1 else (x.mean(0), x.var(0))  # one env: no NumPy calls
+        delta, total = batch_mean - self.mean, self.count + batch_count
+        self.mean = self.mean + delta * batch_count / total
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.var, self.count = m2 / total, total
+
+    def state_dict(self) -> dict:
+        return {"mean": torch.tensor(np.asarray(self.mean)), "var": torch.tensor(np.asarray(self.var)),
+                "count": float(self.count)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"].numpy().copy(), state["var"].numpy().copy(), state["count"]
+
+
+class Normalizer:
+    """CleanRL's NormalizeObservation + clip(-10, 10) and NormalizeReward + clip(-10, 10), as state of the training
+    loop rather than env wrappers, so that the final observations of truncated episodes are normalised the same way
+    and the statistics are saved in model.pt and checkpoint.pt.
+
+    Observations: (obs - mean) / sqrt(var + 1e-8) with the running statistics of every observation seen.
+    Rewards: r / sqrt(Var[G] + 1e-8), G the running discounted return G <- gamma G (1 - terminated) + r per env.
+    """
+
+    def __init__(self, obs_shape, num_envs: int, gamma: float, clip: float = 10.0, epsilon: float = 1e-8):
+        self.obs_rms, self.return_rms = RunningMeanStd(obs_shape), RunningMeanStd(())
+        self.returns, self.gamma, self.clip, self.epsilon = np.zeros(num_envs), gamma, clip, epsilon
+
+    def obs(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        """(batch, obs_dim) raw -> normalised float32; `update=False` freezes the statistics (evaluation)."""
+        if update:
+            self.obs_rms.update(obs)
+        normalised = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + self.epsilon)
+        return np.clip(normalised, -self.clip, self.clip).astype(np.float32)
+
+    def rewards(self, rewards: np.ndarray, terminated: np.ndarray) -> np.ndarray:
+        """(num_envs,) raw rewards -> scaled and clipped float32, updating the return statistics."""
+        self.returns = self.returns * self.gamma * (1 - terminated) + rewards
+        self.return_rms.update(self.returns)
+        scaled = rewards / np.sqrt(self.return_rms.var + self.epsilon)
+        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
+
+    def state_dict(self) -> dict:
+        return {"obs_rms": self.obs_rms.state_dict(), "return_rms": self.return_rms.state_dict(),
+                "returns": torch.from_numpy(self.returns.copy())}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.obs_rms.load_state_dict(state["obs_rms"])
+        self.return_rms.load_state_dict(state["return_rms"])
+        self.returns = state["returns"].numpy().copy()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks: 64-64 tanh MLPs for the action mean and the value, a state-independent log std (CleanRL's Agent)
+# ---------------------------------------------------------------------------------------------------------------------
+def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
+    """Orthogonal weights with gain `std`, constant bias (Huang et al. 2022, detail 2)."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_dim: int, out_dim: int, out_std: float) -> nn.Sequential:
+    return nn.Sequential(layer_init(nn.Linear(in_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, 64)), nn.Tanh(),
+                         layer_init(nn.Linear(64, out_dim), std=out_std))  # fmt: skip
+
+
+class Agent(nn.Module):
+    """Gaussian policy N(actor_mean(x), exp(actor_logstd)) and value critic(x), CleanRL's parameter names.
+
+    Input x: (batch, obs_dim) normalised observations. Output: mean (batch, act_dim), log std (batch, act_dim),
+    value (batch,).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.critic = mlp(obs_dim, 1, 1.0)
+        self.actor_mean = mlp(obs_dim, act_dim, 0.01)
+        self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
+
+    def forward(self, x: torch.Tensor):
+        mean = self.actor_mean(x)
+        return mean, self.actor_logstd.expand_as(mean), self.critic(x).squeeze(1)
+
+
+class NumpyPolicy:
+    """A float32 NumPy copy of the agent for acting, one (num_envs, obs_dim) batch per env step: at that size torch's
+    per-operation dispatch costs more than the arithmetic (the rollout's network passes take about a fifth of their
+    torch time). Made at the start of every rollout; `__call__` returns mean (N, act_dim) and value (N,)."""
+
+    def __init__(self, agent: Agent):
+        layers = lambda seq: [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())  # noqa: E731
+                              for m in seq if isinstance(m, nn.Linear)]  # fmt: skip
+        self.actor, self.critic = layers(agent.actor_mean), layers(agent.critic)
+        self.log_std = agent.actor_logstd.detach().cpu().numpy()[0]  # (act_dim,)
+
+    @staticmethod
+    def _mlp(layers, x: np.ndarray) -> np.ndarray:
+        for weight, bias in layers[:-1]:
+            x = np.tanh(x @ weight + bias)
+        return x @ layers[-1][0] + layers[-1][1]
+
+    def __call__(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._mlp(self.actor, obs), self._mlp(self.critic, obs)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Algorithm: Gaussian policy, rollout storage, GAE, the RPO update
+# ---------------------------------------------------------------------------------------------------------------------
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_log_prob(actions, mean, log_std) -> torch.Tensor:
+    """log N(actions; mean, exp(log_std)) summed over action dimensions: (batch, act_dim) -> (batch,)."""
+    return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - LOG_SQRT_2PI).sum(1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """Entropy of N(., exp(log_std)) summed over action dimensions: (batch, act_dim) -> (batch,)."""
+    return (0.5 + LOG_SQRT_2PI + log_std).sum(1)
+
+
+class Rollout(NamedTuple):
+    """One rollout of `num_steps` vector steps; every array is float32 (num_steps, num_envs, ...)."""
+
+    obs: np.ndarray  # (T, N, obs_dim) normalised observation each action was taken in
+    actions: np.ndarray  # (T, N, act_dim) sampled actions, before clipping to the action bounds
+    logprobs: np.ndarray  # (T, N) log pi_old(a_t|s_t)
+    rewards: np.ndarray  # (T, N) normalised reward, + gamma V(final obs) where the episode was truncated
+    dones: np.ndarray  # (T, N) 1.0 where the episode ended after step t (termination or truncation)
+    values: np.ndarray  # (T, N) V_old(s_t)
+
+
+def new_rollout(num_steps: int, num_envs: int, obs_dim: int, act_dim: int) -> Rollout:
+    zeros = lambda *shape: np.zeros((num_steps, num_envs, *shape), np.float32)  # noqa: E731
+    return Rollout(zeros(obs_dim), zeros(act_dim), zeros(), zeros(), zeros(), zeros())
+
+
+def compute_gae(rewards, values, dones, next_value, gamma: float, gae_lambda: float) -> np.ndarray:
+    """Generalized advantage estimates (Schulman et al. 2016, Eq. 16; PPO paper Eq. 11-12), by the backward recursion
+    A_t = delta_t + gamma lambda (1 - d_t) A_{t+1}, delta_t = r_t + gamma (1 - d_t) V_{t+1} - V_t.
+
+    rewards, values, dones: (T, N), `dones[t]` = 1 where the episode ended after step t (a truncated episode's
+    bootstrap value is already in its reward); next_value: (N,) V of the observation after the last step.
+    Returns advantages (T, N); the value targets are advantages + values.
+    """
+    advantages = np.zeros_like(rewards)
+    last_gae = np.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_values = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_values * not_done - values[t]
+        advantages[t] = last_gae = delta + gamma * gae_lambda * not_done * last_gae
+    return advantages
+
+
+class EnvState:
+    """What the training loop carries between vector steps: the normalised observations (N, obs_dim), the
+    normalisation statistics, and the raw return and length of each env's episode in progress."""
+
+    def __init__(self, obs: np.ndarray, normalizer: Normalizer):
+        self.obs, self.normalizer = obs, normalizer
+        self.returns, self.lengths = np.zeros(len(obs)), np.zeros(len(obs), np.int64)
+
+    def snapshot(self, envs) -> dict:
+        """Everything needed to continue the episodes in progress exactly."""
+        return {"states": list(envs.get_attr("state")), "obs": torch.from_numpy(self.obs.copy()),
+                "returns": torch.from_numpy(self.returns.copy()),
+                "lengths": torch.from_numpy(self.lengths.copy())}  # fmt: skip
+
+    def restore(self, envs, snapshot: dict) -> None:
+        envs.set_attr("state", snapshot["states"])
+        self.obs = snapshot["obs"].numpy().copy()
+        self.returns, self.lengths = snapshot["returns"].numpy().copy(), snapshot["lengths"].numpy().copy()
+
+
+def env_step(envs, actions: np.ndarray, state: EnvState):
+    """One vector step with the actions clipped to the action bounds (CleanRL's ClipAction). Returns the normalised
+    rewards (N,), dones (N,), the indices of the episodes cut by the time limit (to bootstrap), their normalised
+    final observations, and the raw (return, length) of the episodes that ended."""
+    space = envs.single_action_space
+    obs, raw_rewards, terminated, truncated, infos = envs.step(np.clip(actions, space.low, space.high))
+    done = terminated | truncated
+    truncated_idx = np.flatnonzero(truncated & ~terminated)
+    final_obs = None
+    if len(truncated_idx):
+        raw_final = np.stack([infos["final_obs"][i] for i in truncated_idx])
+        final_obs = state.normalizer.obs(raw_final, update=False)
+    rewards = state.normalizer.rewards(raw_rewards, terminated)
+    state.obs = state.normalizer.obs(obs)
+    state.returns += raw_rewards
+    state.lengths += 1
+    ended = [(float(state.returns[i]), int(state.lengths[i])) for i in np.flatnonzero(done)]
+    state.returns[done], state.lengths[done] = 0.0, 0
+    return rewards, done, truncated_idx, final_obs, ended
+
+
+def collect_rollout(agent, envs, state: EnvState, rollout: Rollout, args: Args):
+    """Fill `rollout` with `num_steps` vector steps of the current policy; the Gaussian noise, (T, N, act_dim), is
+    drawn from torch's generator at the start.
+
+    Crucial (CleanRL issue #198): an episode cut by the time limit is not terminal; its last reward gets
+    gamma * V(true final observation), taken from `infos["final_obs"]` since autoreset already replaced it.
+    Returns V(observation after the last step) (N,) and (step t, return, length) of every episode that ended.
+    """
+    policy, ended = NumpyPolicy(agent), []
+    noise = torch.randn(*rollout.actions.shape).numpy()
+    log_std = policy.log_std.astype(np.float64)
+    for t in range(args.num_steps):
+        mean, value = policy(state.obs)
+        rollout.obs[t], rollout.values[t] = state.obs, value
+        rollout.actions[t] = mean + np.exp(policy.log_std) * noise[t]
+        rollout.logprobs[t] = (-0.5 * noise[t] ** 2 - log_std - LOG_SQRT_2PI).sum(1)  # log N(a; mean, std)
+        rewards, done, truncated_idx, final_obs, episodes = env_step(envs, rollout.actions[t], state)
+        if final_obs is not None:
+            rewards[truncated_idx] += args.gamma * policy(final_obs)[1]
+        rollout.rewards[t], rollout.dones[t] = rewards, done
+        ended += [(t, *episode) for episode in episodes]
+    return policy(state.obs)[1], ended
+
+
+def rpo_loss(agent, mb: dict, args: Args):
+    """RPO's loss on one minibatch: PPO's (Eq. 9 with the clipped surrogate, Eq. 7, and PPO2's clipped value loss)
+    with log pi(a|s) under N(mean + z, std), z ~ U(-rpo_alpha, rpo_alpha) (Rahman and Xue 2022, Algorithm 1).
+    Returns (loss, logs): logs are the detached approx-KL estimators (Schulman's k1 and k3) and clip fraction."""
+    mean, log_std, new_value = agent(mb["obs"])
+    z = torch.empty_like(mean).uniform_(-args.rpo_alpha, args.rpo_alpha)
+    new_logprob, entropy = gaussian_log_prob(mb["actions"], mean + z, log_std), gaussian_entropy(log_std)
+    logratio = new_logprob - mb["logprobs"]
+    ratio = logratio.exp()
+    advantages = mb["advantages"]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    v_loss_unclipped = (new_value - mb["returns"]) ** 2
+    if args.clip_vloss:
+        v_clipped = mb["values"] + (new_value - mb["values"]).clamp(-args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb["returns"]) ** 2).mean()
+    else:
+        v_loss = 0.5 * v_loss_unclipped.mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+    with torch.no_grad():
+        logs = {"losses/policy_loss": pg_loss, "losses/value_loss": v_loss, "losses/entropy": entropy_loss,
+                "losses/old_approx_kl": (-logratio).mean(), "losses/approx_kl": ((ratio - 1) - logratio).mean(),
+                "clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean()}  # fmt: skip
+    return loss, logs
+
+
+def rpo_update(agent, optimizer, batch: dict, args: Args, minibatch_rng: np.random.Generator, global_step: int):
+    """`update_epochs` epochs over `batch` (flat (T*N, ...) tensors) in `num_minibatches` shuffled minibatches, with
+    gradient-norm clipping; stops after an epoch whose last minibatch's approx KL exceeds `target_kl`.
+    Returns the last minibatch's losses and the mean clip fraction. Raises FloatingPointError on a non-finite loss."""
+    size = batch["actions"].shape[0]
+    minibatch_size = size // args.num_minibatches
+    clipfracs = []
+    for _ in range(args.update_epochs):
+        order = torch.as_tensor(minibatch_rng.permutation(size), device=batch["actions"].device)
+        for start in range(0, size, minibatch_size):
+            mb_inds = order[start : start + minibatch_size]
+            loss, logs = rpo_loss(agent, {key: value[mb_inds] for key, value in batch.items()}, args)
+            check_finite("loss", loss, global_step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+            optimizer.step()
+            clipfracs.append(logs.pop("clipfrac"))
+        if args.target_kl is not None and logs["losses/approx_kl"] > args.target_kl:
+            break
+    logs = {key: value.item() for key, value in logs.items()}
+    logs["losses/clipfrac"] = torch.stack(clipfracs).mean().item()
+    return logs
+
+
+def flatten_batch(rollout: Rollout, advantages: np.ndarray, device) -> dict:
+    """(T, N, ...) arrays -> (T*N, ...) tensors, the training batch with the value targets `returns` = advantages +
+    values."""
+    flat = lambda x: torch.as_tensor(x.reshape(-1, *x.shape[2:]), device=device)  # noqa: E731
+    return {"obs": flat(rollout.obs), "actions": flat(rollout.actions), "logprobs": flat(rollout.logprobs),
+            "advantages": flat(advantages), "returns": flat(advantages + rollout.values),
+            "values": flat(rollout.values)}  # fmt: skip
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns] (nan when the returns are constant)."""
+    var_y = returns.var(unbiased=False).item()
+    return float("nan") if var_y == 0 else 1.0 - (returns - values).var(unbiased=False).item() / var_y
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plumbing: arguments, evaluation, checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+def supported_env_ids() -> list[str]:
+    """gymnasium's MuJoCo v5 tasks (any other registered env with Box observations and actions works too)."""
+    return sorted(k for k, spec in gym.registry.items() if k.endswith("-v5") and "mujoco" in str(spec.entry_point))
+
+
+def check_env(env_id: str) -> None:
+    """Raise ValueError if `env_id` is not registered or lacks 1-d Box observations or Box actions."""
+    if env_id not in gym.registry:
+        raise ValueError(f"unknown --env-id {env_id!r}; supported: {', '.join(supported_env_ids())} (or any "
+                         "registered env with Box observations and actions)")  # fmt: skip
+    env = gym.make(env_id)
+    obs_space, action_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(action_space, gym.spaces.Box):
+        raise ValueError(f"--env-id must have a Box action space, got {env_id} with {action_space}")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"--env-id must have 1-d Box observations, got {env_id} with {obs_space}")
+
+
+def validate_args(args: Args) -> None:
+    """Raise ValueError naming the bad value and the allowed ones; called before anything is written."""
+    checks = [
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
+        (args.num_envs >= 1, f"--num-envs must be >= 1, got {args.num_envs}"),
+        (args.num_steps >= 1, f"--num-steps must be >= 1, got {args.num_steps}"),
+        (args.total_timesteps >= batch_size(args),
+         f"--total-timesteps must be >= --num-envs * --num-steps = {batch_size(args)} (one update), "
+         f"got {args.total_timesteps}"),
+        (1 <= args.num_minibatches <= batch_size(args) and batch_size(args) % args.num_minibatches == 0,
+         f"--num-minibatches must divide --num-envs * --num-steps = {batch_size(args)}, got {args.num_minibatches}"),
+        (args.update_epochs >= 1, f"--update-epochs must be >= 1, got {args.update_epochs}"),
+        (args.learning_rate > 0, f"--learning-rate must be > 0, got {args.learning_rate}"),
+        (0.0 <= args.gamma < 1.0, f"--gamma must be in [0, 1), got {args.gamma}"),
+        (0.0 <= args.gae_lambda <= 1.0, f"--gae-lambda must be in [0, 1], got {args.gae_lambda}"),
+        (args.clip_coef > 0, f"--clip-coef must be > 0, got {args.clip_coef}"),
+        (args.ent_coef >= 0 and args.vf_coef >= 0,
+         f"--ent-coef and --vf-coef must be >= 0, got {args.ent_coef}, {args.vf_coef}"),
+        (args.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {args.max_grad_norm}"),
+        (args.target_kl is None or args.target_kl > 0, f"--target-kl must be > 0 (or None), got {args.target_kl}"),
+        (args.rpo_alpha >= 0, f"--rpo-alpha must be >= 0, got {args.rpo_alpha}"),
+        (args.torch_threads >= 0, f"--torch-threads must be >= 0 (0: torch's default), got {args.torch_threads}"),
+        (args.eval_frequency > 0, f"--eval-frequency must be > 0, got {args.eval_frequency}"),
+        (args.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {args.eval_episodes}"),
+        (args.final_eval_episodes >= 0, f"--final-eval-episodes must be >= 0, got {args.final_eval_episodes}"),
+        (args.checkpoint_frequency >= 0,
+         f"--checkpoint-frequency must be >= 0 (0: checkpoints only at the end and on a signal), "
+         f"got {args.checkpoint_frequency}"),
+        (args.run_name is None or (args.run_name.strip(".") != "" and "/" not in args.run_name),
+         f"--run-name must be a folder name (not empty, '.' or '..', no '/'), got {args.run_name!r}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--track needs Weights and Biases: pip install wandb")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        raise ValueError("--capture-video needs moviepy: pip install moviepy")
+    check_env(args.env_id)
+
+
+def check_finite(name: str, value: torch.Tensor, global_step: int) -> None:
+    """Raise FloatingPointError naming the loss and step if `value` is NaN or inf."""
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(f"{name} is {value.item()} at global_step {global_step}")
+
+
+def evaluate(agent, normalizer: Normalizer, eval_envs, seed: int, episodes: int, prefix: str = "eval") -> dict:
+    """`episodes` deterministic episodes (the mean action clipped to the bounds; no random number is drawn) with the
+    observation statistics frozen, in batches of `eval_envs.num_envs`: env i of batch k starts from
+    `reset(seed=seed + k * num_envs + i)`. Returns {f"{prefix}/return": mean raw return, f"{prefix}/length"}."""
+    returns, lengths, n = [], [], eval_envs.num_envs
+    space, policy = eval_envs.single_action_space, NumpyPolicy(agent)
+    for batch_seed in range(seed, seed + episodes, n):
+        obs, _ = eval_envs.reset(seed=batch_seed)
+        score, length, running = np.zeros(n), np.zeros(n, np.int64), np.ones(n, bool)
+        while running.any():
+            mean = policy(normalizer.obs(obs, update=False))[0]
+            obs, rewards, terminated, truncated, _ = eval_envs.step(np.clip(mean, space.low, space.high))
+            score += rewards * running
+            length += running
+            running &= ~(terminated | truncated)
+        returns.extend(score)
+        lengths.extend(length)
+    return {f"{prefix}/return": float(np.mean(returns[:episodes])),
+            f"{prefix}/length": float(np.mean(lengths[:episodes]))}  # fmt: skip
+
+
+SCRIPT = os.path.basename(__file__)
+CHECKPOINT_FILE = "checkpoint.pt"
+RESUMABLE_CHANGES = ("total_timesteps", "run_dir", "cuda")  # the only arguments a resumed run may change
+EXIT_INTERRUPTED = 3  # stopped by SIGUSR1/SIGTERM after writing a checkpoint: the same command resumes the run
+
+
+def atomic_torch_save(state: dict, path: str) -> None:
+    """Write `state` so that a crash at any moment leaves the previous file or the new one, complete: temporary file,
+    fsync, rename over the previous file, fsync of the folder."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load_saved(path: str) -> dict:
+    """Load a `model.pt` or `checkpoint.pt` written by this script (tensors and plain Python only).
+
+    Raises:
+        ValueError: if the file was saved by another script, naming that script.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    foreign = sorted(set(state["args"]) - set(Args.__dataclass_fields__))
+    if state.get("script", SCRIPT) != SCRIPT or foreign:
+        saved_by = state.get("script", f"another script (arguments {', '.join(foreign)})")
+        raise ValueError(f"{path} was saved by {saved_by}, not {SCRIPT}: load it with that script")
+    return state
+
+
+def agent_state(args: Args, agent, optimizer, normalizer: Normalizer) -> dict:
+    """args, the agent's and the optimizer's state_dict and the normalisation statistics (`normalizer`)."""
+    return {"script": SCRIPT, "args": asdict(args), "agent": agent.state_dict(),
+            "agent_optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict()}  # fmt: skip
+
+
+@dataclass
+class LoopState:
+    """The training loop's counters, saved in every checkpoint (`last_eval`: the latest evaluation record)."""
+
+    global_step: int = 0
+    update_idx: int = 0
+    eval_idx: int = 0
+    next_eval: int = 0
+    next_checkpoint: int = 0
+    last_eval: dict | None = None
+
+
+def rng_states(minibatch_rng: np.random.Generator) -> dict:
+    """Every random state the training draws from: Python, NumPy's legacy global and Generator, torch CPU and CUDA."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "minibatch": minibatch_rng.bit_generator.state,
+    }
+
+
+def set_rng_states(rngs: dict, minibatch_rng: np.random.Generator) -> None:
+    """Inverse of `rng_states`."""
+    random.setstate(rngs["python"])
+    name, keys, pos, has_gauss, cached_gaussian = rngs["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(rngs["torch"])
+    if rngs["cuda"] and torch.cuda.is_available():  # a run moved between CPU and GPU continues, though not exactly
+        torch.cuda.set_rng_state_all(rngs["cuda"])
+    minibatch_rng.bit_generator.state = rngs["minibatch"]
+
+
+def training_checkpoint(args, agent, optimizer, loop: LoopState, minibatch_rng, envs, state: EnvState) -> dict:
+    """Everything a resumed run needs to continue exactly at an update boundary: agent, optimizer, normalisation
+    statistics, counters, every RNG state and the episodes in progress (MuJoCo states, see SavableMujoco)."""
+    return {**agent_state(args, agent, optimizer, state.normalizer), **asdict(loop), "rng": rng_states(minibatch_rng),
+            "envs": state.snapshot(envs)}  # fmt: skip
+
+
+def restore_checkpoint(state: dict, agent, optimizer, minibatch_rng) -> LoopState:
+    """Load the agent, optimizer and RNG states in place (the envs and normalizer: see `train`); return the counters."""
+    agent.load_state_dict(state["agent"])
+    optimizer.load_state_dict(state["agent_optimizer"])
+    set_rng_states(state["rng"], minibatch_rng)
+    return LoopState(**{key: state[key] for key in LoopState.__dataclass_fields__})
+
+
+def resume_state(args: Args, run_path: str) -> dict | None:
+    """None for a new run (no folder yet), else the checkpoint to resume from, checked against `args`.
+
+    Raises:
+        ValueError: if the folder holds no checkpoint, or the checkpoint was saved by another script, with arguments
+            that differ in anything but RESUMABLE_CHANGES, or past --total-timesteps.
+    """
+    if not os.path.exists(run_path):
+        return None
+    path = os.path.join(run_path, CHECKPOINT_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"run folder {run_path!r} exists and holds no {CHECKPOINT_FILE} to resume from; "
+                         "choose another --run-name or --run-dir")  # fmt: skip
+    state = load_saved(path)
+    given = asdict(args)
+    changed = [key for key in given if key not in RESUMABLE_CHANGES and state["args"].get(key) != given[key]]
+    if changed:
+        diffs = ", ".join(f"--{key.replace('_', '-')} {given[key]!r} (checkpoint: {state['args'].get(key)!r})"
+                          for key in changed)  # fmt: skip
+        raise ValueError(f"cannot resume {run_path!r} with other arguments: {diffs}; "
+                         "only --total-timesteps, --run-dir and --cuda may change")  # fmt: skip
+    if args.total_timesteps < state["global_step"]:
+        raise ValueError(f"--total-timesteps must be >= the checkpoint's global_step {state['global_step']} to "
+                         f"resume {run_path!r}, got {args.total_timesteps}")  # fmt: skip
+    return state
+
+
+def is_complete(run_path: str, args: Args) -> bool:
+    """Whether the run already ended at its last update (its final_eval.json says so)."""
+    try:
+        with open(os.path.join(run_path, "final_eval.json")) as f:
+            return json.load(f)["global_step"] >= num_iterations(args) * batch_size(args)
+    except FileNotFoundError:
+        return False
+
+
+def truncate_evals(run_path: str, eval_idx: int) -> None:
+    """Drop the evaluation lines written after the checkpoint (eval_idx >= `eval_idx`): the resumed run redoes them."""
+    path = os.path.join(run_path, "evals.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["eval_idx"] < eval_idx]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+class StopRequest:
+    """Records a SIGUSR1 or SIGTERM (Slurm's warning signal, preemption, time limit): the training loop finishes the
+    current update, writes a checkpoint and stops (exit code EXIT_INTERRUPTED)."""
+
+    def __init__(self):
+        self.signum = None
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+class Interrupted(Exception):
+    """Raised by the training loop once the checkpoint a StopRequest asked for is written."""
+
+
+def load_agent(path: str):
+    """(args, agent, normalizer) from a `model.pt` or `checkpoint.pt`, the statistics frozen at their saved values."""
+    state = load_saved(path)
+    args = Args(**state["args"])
+    obs_dim = state["normalizer"]["obs_rms"]["mean"].shape[0]
+    agent = Agent(obs_dim, state["agent"]["actor_logstd"].shape[1])
+    agent.load_state_dict(state["agent"])
+    normalizer = Normalizer((obs_dim,), 1, args.gamma)
+    normalizer.load_state_dict(state["normalizer"])
+    return state, args, agent, normalizer
+
+
+def evaluate_checkpoint(path: str, eval_episodes: int = 10, seed: int = 0) -> dict:
+    """Rebuild the agent and its observation statistics saved in `model.pt` (`--save-model`) or `checkpoint.pt` and
+    evaluate it deterministically with the statistics frozen.
+
+    Usage: python -c "import rpo_mujoco as m; print(m.evaluate_checkpoint('runs/<run_name>/model.pt'))"
+    Returns {"global_step", "eval/return", "eval/length"}. Raises ValueError if another script saved `path`.
+    """
+    state, args, agent, normalizer = load_agent(path)
+    eval_envs = make_vector_env(args.env_id, eval_episodes, "sync")
+    result = evaluate(agent, normalizer, eval_envs, seed, eval_episodes)
+    eval_envs.close()
+    return {"global_step": state["global_step"], **result}
+
+
+def hparams_text(args: Args) -> str:
+    return "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class Progress:
+    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines)."""
+
+    def __init__(self, run_name: str, total: int, interval_s: float = 30.0):
+        self.run_name, self.total, self.interval_s = run_name, total, interval_s
+        self.last = time.time()
+
+    def maybe_print(self, global_step: int, sps: int, last_return) -> None:
+        if time.time() - self.last >= self.interval_s:
+            self.last = time.time()
+            print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
+                  f"SPS {sps} last eval return {last_return}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+def main(args: Args) -> int:
+    args.run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_path = os.path.join(args.run_dir, args.run_name)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    try:
+        saved = resume_state(args, run_path)  # read and checked before anything is written
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if saved is not None and is_complete(run_path, args):
+        print(f"run {run_path} already ended at global_step {saved['global_step']}; nothing to do", file=sys.stderr)
+        return 0
+    stop = StopRequest()  # before the envs: async env workers forked later inherit the handler and ignore the signal
+    envs = make_vector_env(args.env_id, args.num_envs, args.vector_env_mode)
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    agent = Agent(obs_dim, act_dim).to(device)  # before the run folder: a failure here leaves nothing behind
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    params = {"agent_params": num_params(agent)}
+    if saved is None:
+        os.makedirs(run_path)
+        with open(os.path.join(run_path, "config.json"), "w") as f:
+            json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
+    eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
+    minibatch_rng = np.random.default_rng(np.random.SeedSequence(args.seed))
+    normalizer = Normalizer((obs_dim,), args.num_envs, args.gamma)
+    if saved is None:
+        loop = LoopState(next_eval=args.eval_frequency, next_checkpoint=args.checkpoint_frequency)
+    else:
+        loop = restore_checkpoint(saved, agent, optimizer, minibatch_rng)
+        normalizer.load_state_dict(saved["normalizer"])
+        truncate_evals(run_path, loop.eval_idx)
+        print(f"[{args.run_name}] resuming from global_step {loop.global_step} (eval_idx {loop.eval_idx})",
+              file=sys.stderr, flush=True)  # fmt: skip
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=args.run_name,
+                   save_code=True, dir=run_path)  # fmt: skip
+    # a resumed run purges the events its previous process logged after the checkpoint (TensorBoard's purge_step)
+    writer = SummaryWriter(run_path, purge_step=loop.global_step + 1 if loop.global_step else None)
+    if loop.global_step == 0:
+        writer.add_text("hyperparameters", hparams_text(args))
+    try:
+        final = train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path, device, loop,
+                      minibatch_rng, stop, None if saved is None else saved["envs"])  # fmt: skip
+    except FloatingPointError as err:
+        print(f"error: non-finite loss: {err}; run folder kept at {run_path}", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        print(f"[{args.run_name}] {err}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        writer.close()
+        envs.close()
+        eval_envs.close()
+    with open(os.path.join(run_path, "final_eval.json"), "w") as f:
+        json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
+    return 0
+
+
+def train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path, device, loop: LoopState,
+          minibatch_rng, stop, saved_envs: dict | None = None) -> dict:  # fmt: skip
+    """The RPO loop, from `loop`'s counters to the last update. Returns the final evaluation record (also printed as a
+    JSON line). Raises Interrupted after the checkpoint that a SIGUSR1/SIGTERM asked for."""
+    last_step = num_iterations(args) * batch_size(args)
+    progress = Progress(args.run_name, last_step)
+    start_time, start_step = time.time(), loop.global_step
+    obs, _ = envs.reset(seed=args.seed)  # a resumed run then restores the episodes in progress
+    state = EnvState(normalizer.obs(obs, update=saved_envs is None), normalizer)
+    if saved_envs is not None:
+        state.restore(envs, saved_envs)
+    rollout = new_rollout(args.num_steps, args.num_envs, obs.shape[1], envs.single_action_space.shape[0])
+    while loop.global_step < last_step:
+        if args.anneal_lr:  # linear decay over the updates (Huang et al. 2022, detail 4)
+            optimizer.param_groups[0]["lr"] = (1.0 - loop.update_idx / num_iterations(args)) * args.learning_rate
+        next_value, episodes = collect_rollout(agent, envs, state, rollout, args)
+        for t, episode_return, episode_length in episodes:  # at the global step the episode ended
+            writer.add_scalar("charts/episodic_return", episode_return, loop.global_step + (t + 1) * args.num_envs)
+            writer.add_scalar("charts/episodic_length", episode_length, loop.global_step + (t + 1) * args.num_envs)
+        loop.global_step += batch_size(args)
+        advantages = compute_gae(rollout.rewards, rollout.values, rollout.dones, next_value, args.gamma,
+                                 args.gae_lambda)  # fmt: skip
+        batch = flatten_batch(rollout, advantages, device)
+        logs = rpo_update(agent, optimizer, batch, args, minibatch_rng, loop.global_step)
+        loop.update_idx += 1
+        logs["losses/explained_variance"] = explained_variance(batch["values"], batch["returns"])
+        logs["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
+        sps = int((loop.global_step - start_step) / (time.time() - start_time))
+        for key, value in {**logs, "charts/SPS": sps}.items():
+            writer.add_scalar(key, value, loop.global_step)
+        progress.maybe_print(loop.global_step, sps, (loop.last_eval or {}).get("eval/return"))
+        if loop.global_step >= loop.next_eval or loop.global_step >= last_step:
+            loop.last_eval = run_evaluation(args, agent, optimizer, normalizer, eval_envs, loop, writer, run_path)
+            loop.eval_idx += 1
+            loop.next_eval = (loop.global_step // args.eval_frequency + 1) * args.eval_frequency
+        maybe_checkpoint(args, agent, optimizer, loop, minibatch_rng, (envs, state), run_path, stop, last_step)
+    return {
+        **loop.last_eval,
+        **heldout_evaluation(args, agent, normalizer, eval_envs, writer, loop.global_step),
+    }
+
+
+def maybe_checkpoint(args, agent, optimizer, loop: LoopState, minibatch_rng, env_state, run_path, stop, last_step):
+    """At an update boundary: write checkpoint.pt when one is due (every `checkpoint_frequency` steps, at the end, or
+    on a signal). Raises Interrupted after writing it for a signal."""
+    periodic = args.checkpoint_frequency > 0 and loop.global_step >= loop.next_checkpoint
+    if not (periodic or stop.signum or loop.global_step >= last_step):
+        return
+    if args.checkpoint_frequency > 0:
+        loop.next_checkpoint = (loop.global_step // args.checkpoint_frequency + 1) * args.checkpoint_frequency
+    path = os.path.join(run_path, CHECKPOINT_FILE)
+    atomic_torch_save(training_checkpoint(args, agent, optimizer, loop, minibatch_rng, *env_state), path)
+    if stop.signum:
+        raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at global_step {loop.global_step}: "
+                          f"checkpoint written to {path}; rerun the same command to resume")  # fmt: skip
+
+
+def set_video_trigger(eval_envs) -> None:
+    """With --capture-video: record the first episode of the next evaluation (env 0 of its first batch)."""
+    first = iter([True])
+    eval_envs.envs[0].set_wrapper_attr("episode_trigger", lambda _: next(first, False))
+
+
+def heldout_evaluation(args, agent, normalizer, eval_envs, writer, global_step: int) -> dict:
+    """The final evaluation on `final_eval_episodes` episodes whose seeds no periodic evaluation uses
+    (seed + 2_000_000 + k): logged as `heldout/*` and printed as one JSON line without `eval_idx`."""
+    if args.final_eval_episodes == 0:
+        return {}
+    if args.capture_video:
+        set_video_trigger(eval_envs)
+    result = evaluate(agent, normalizer, eval_envs, args.seed + 2_000_000, args.final_eval_episodes, prefix="heldout")
+    for key, value in result.items():
+        writer.add_scalar(key, value, global_step)
+    record = {"global_step": global_step, **result, "heldout/episodes": args.final_eval_episodes}
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def run_evaluation(args, agent, optimizer, normalizer, eval_envs, loop: LoopState, writer, run_path) -> dict:
+    """Evaluate, log to TensorBoard, print the JSON line, append it to evals.jsonl, save the model if asked."""
+    if args.capture_video:
+        set_video_trigger(eval_envs)
+    result = evaluate(agent, normalizer, eval_envs, args.seed + 1_000_000, args.eval_episodes)
+    for key, value in result.items():
+        writer.add_scalar(key, value, loop.global_step)
+    record = {"eval_idx": loop.eval_idx, "global_step": loop.global_step, **result}
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(os.path.join(run_path, "evals.jsonl"), "a") as f:
+        f.write(line + "\n")
+    if args.save_model:
+        atomic_torch_save({**agent_state(args, agent, optimizer, normalizer), "global_step": loop.global_step},
+                          os.path.join(run_path, "model.pt"))  # fmt: skip
+    return record
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        validate_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(args))
