@@ -3,15 +3,16 @@
 # steps and the held-out evaluation (100 episodes) at the end; one torch thread per run, MAX_PARALLEL (default 2) at a
 # time.
 # Usage: bash benchmarks/push.sh OUT_DIR STEPS "SEEDS" RUN [RUN ...]
-#   RUN is AGENT or AGENT:CONFIG. AGENT: mlp (sac_fetch_mlp.py, 256x256), d4 (sac_fetch_equivariant.py, its
-#   default: the MLP's width, 2 x 256 channels), d8 (--dihedral-n 8, 2 x 512 channels), d4p (D_4 with --reg-rep-n 90:
-#   the MLP's parameter count). CONFIG: a row of CONFIG below, flags on top of the scripts' defaults.
+#   RUN is AGENT[:CONFIG][@SEED] (@SEED: that seed only, instead of SEEDS). AGENT: mlp (sac_fetch_mlp.py,
+#   256x256), d4 (sac_fetch_equivariant.py, its default: the MLP's width, 2 x 256 channels), d8 (--dihedral-n 8,
+#   2 x 512 channels), d4p (D_4 with --reg-rep-n 90: the MLP's parameter count). CONFIG: a row of CONFIG below, flags
+#   on top of the scripts' defaults.
 #   Run folder OUT_DIR/FetchPush-v4__push-AGENT[-CONFIG]__SEED (exp_name push-AGENT[-CONFIG]); a stopped run resumes.
 # The comparison (seeds 2-4; seed 1 chose the defaults, so it is not reported there):
 #   bash benchmarks/push.sh runs/push_cmp 150000 "2 3 4" mlp d4 d8
 #   python compare_runs.py runs/push_cmp --env-id FetchPush-v4 --out docs/figures/push_cmp
 # The update-regime ablation (seed 1):
-#   bash benchmarks/push.sh runs/push_ablation 300000 1 mlp mlp:no_obs_norm mlp:gamma98_tau005 mlp:old_defaults
+#   bash benchmarks/push.sh runs/push_ablation 150000 1 mlp mlp:no_obs_norm mlp:gamma98_tau005 mlp:old_defaults
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="$1" steps="$2" seeds="$3"
@@ -34,7 +35,12 @@ export OMP_NUM_THREADS=1
 mkdir -p "$out"
 running=0
 for seed in $seeds; do
-  for run in "$@"; do
+  for item in "$@"; do
+    run="${item%@*}" run_seed="$seed"
+    if [ "$run" != "$item" ]; then
+      [ "$seed" = "${seeds%% *}" ] || continue  # an item with its own seed runs once, in the first round
+      run_seed="${item##*@}"
+    fi
     agent="${run%%:*}" config="${run#*:}"
     [ "$config" = "$run" ] && config=""
     [ -n "${SCRIPT[$agent]+x}" ] || { echo "unknown agent $agent; known: ${!SCRIPT[*]}" >&2; exit 2; }
@@ -43,8 +49,8 @@ for seed in $seeds; do
     [ -z "$config" ] || flags="${CONFIG[$config]}"
     # shellcheck disable=SC2086
     python "${SCRIPT[$agent]}" --env-id FetchPush-v4 --total-timesteps "$steps" --eval-frequency 10000 \
-      --eval-episodes 20 --seed "$seed" --run-dir "$out" --exp-name "$name" --run-name "FetchPush-v4__${name}__$seed" \
-      ${AGENT_FLAGS[$agent]} $flags > "$out/$name.$seed.log" 2>&1 &
+      --eval-episodes 20 --seed "$run_seed" --run-dir "$out" --exp-name "$name" \
+      --run-name "FetchPush-v4__${name}__$run_seed" ${AGENT_FLAGS[$agent]} $flags > "$out/$name.$run_seed.log" 2>&1 &
     running=$((running + 1))
     if [ "$running" -ge "${MAX_PARALLEL:-2}" ]; then wait -n; running=$((running - 1)); fi
   done
