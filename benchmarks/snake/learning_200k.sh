@@ -3,11 +3,11 @@
 # time with one torch thread (nice'd: the machine may be shared). Each run has a fixed --run-name, so running this
 # again resumes an interrupted run and skips the finished ones. Then the steps ratio (benchmarks/snake/ratio.py) and
 # the figure and IQM table (compare_runs.py). About an hour of one idle core.
-# Usage: bash benchmarks/snake/learning_200k.sh [OUT_DIR] [FIGURE_STEM]   (default figure: benchmarks/snake/figures/)
+# Usage: bash benchmarks/snake/learning_200k.sh [OUT_DIR] [FIGURE_STEM]   (default figure: docs/figures/snake_200k)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-runs/bench_snake_200k}"
-figure="${2:-benchmarks/snake/figures/snake_200k}"
+figure="${2:-docs/figures/snake_200k}"
 export OMP_NUM_THREADS=1
 for seed in 1 2 3; do
   for script in dqn_snake_cnn dqn_snake_equivariant; do
