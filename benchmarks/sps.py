@@ -6,7 +6,8 @@ between them. Prints one JSON line with the SPS and the parameter counts from co
 
 Usage: python benchmarks/sps.py sac_fetch_mlp.py [--env-id ID] [--steps 4000] [-- more script args]
 
-`training_command`, `RUN_ENV` and `steady_sps` are shared with benchmarks/speed.py, so both measure the same way.
+`training_command`, `RUN_ENV` and `steady_sps` are shared with benchmarks/speed.py (and the last two with
+benchmarks/snake/sps.py), so they all measure the same way.
 """
 
 import argparse
@@ -28,10 +29,11 @@ def training_command(script: str, env_id: str, steps: int, run_dir: str, extra=(
             "--eval-frequency", str(steps), "--run-dir", run_dir, "--exp-name", "sps", *extra]  # fmt: skip
 
 
-def steady_sps(run_dir: str) -> dict:
-    """Steady SPS of the one run in `run_dir`, the wall times of its window, and its parameter counts."""
+def steady_sps(run_dir: str, tag: str = "losses/qf1_loss") -> dict:
+    """Steady SPS of the one run in `run_dir` between the first and last points of the per-update loss `tag`, the
+    wall times of that window, and its parameter counts."""
     (run_path,) = glob.glob(os.path.join(run_dir, "*"))
-    points = EventAccumulator(run_path).Reload().Scalars("losses/qf1_loss")
+    points = EventAccumulator(run_path).Reload().Scalars(tag)
     first, last = points[0], points[-1]
     with open(os.path.join(run_path, "config.json")) as f:
         config = json.load(f)

@@ -21,9 +21,9 @@ import tempfile
 import time
 
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-RUN_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # one torch thread (torch reads OMP_NUM_THREADS)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sps import RUN_ENV, steady_sps  # noqa: E402  (benchmarks/sps.py: the SAC scripts' SPS, measured the same way)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -48,18 +48,18 @@ def run_and_sample(cmd: list) -> np.ndarray:
     return np.array(samples)
 
 
-def steady_sps(run_dir: str, samples: np.ndarray) -> dict:
-    """Steady SPS of the one run in `run_dir` (per wall second and per CPU second) and its parameter count."""
+def steady_sps_with_cpu(run_dir: str, samples: np.ndarray) -> dict:
+    """`steady_sps` on `losses/td_loss` (per wall second), the same window per CPU second, and the parameter count."""
+    result = steady_sps(run_dir, tag="losses/td_loss")
+    (first, last), (t0, t1) = result["window_steps"], result["window_wall_time"]
+    cpu = np.interp([t0, t1], samples[:, 0], samples[:, 1])
     (run_path,) = glob.glob(os.path.join(run_dir, "*"))
-    points = EventAccumulator(run_path).Reload().Scalars("losses/td_loss")
-    first, last = points[0], points[-1]
-    cpu = np.interp([first.wall_time, last.wall_time], samples[:, 0], samples[:, 1])
     with open(os.path.join(run_path, "config.json")) as f:
         config = json.load(f)
     return {
-        "steady_sps": round((last.step - first.step) / (last.wall_time - first.wall_time), 1),
-        "steady_sps_cpu": round((last.step - first.step) / (cpu[1] - cpu[0]), 1),
-        "window_steps": [first.step, last.step],
+        "steady_sps": result["steady_sps"],
+        "steady_sps_cpu": round((last - first) / (cpu[1] - cpu[0]), 1),
+        "window_steps": [first, last],
         "q_network_params": config["q_network_params"],
     }
 
@@ -78,6 +78,6 @@ if __name__ == "__main__":
                "--run-dir", run_dir, "--exp-name", "sps", *extra]  # fmt: skip
         load_before = os.getloadavg()[0]
         samples = run_and_sample(cmd)
-        result = steady_sps(run_dir, samples)
+        result = steady_sps_with_cpu(run_dir, samples)
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps({"script": os.path.basename(cli.script), "args": " ".join(extra), **result, "load_avg": load}))
