@@ -7,7 +7,9 @@ between them. Prints one JSON line with the SPS and the parameter counts from co
 Usage: python benchmarks/sps.py sac_fetch_mlp.py [--env-id ID] [--steps 4000] [-- more script args]
 
 `training_command`, `RUN_ENV` and `steady_sps` are shared with benchmarks/speed.py (and the last two with
-benchmarks/snake/sps.py), so they all measure the same way.
+benchmarks/snake/sps.py); `run_sampling_cpu` and `cpu_between` (the same window per CPU second, the figure that does
+not depend on other jobs sharing the machine) with benchmarks/snake/sps.py and benchmarks/ppo/sps_vs_cleanrl.py, so
+they all measure the same way.
 """
 
 import argparse
@@ -17,7 +19,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
+import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RUN_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # one torch thread (torch reads OMP_NUM_THREADS)
@@ -30,20 +34,59 @@ def training_command(script: str, env_id: str, steps: int, run_dir: str, extra=(
 
 
 def steady_sps(run_dir: str, tag: str = "losses/qf1_loss") -> dict:
-    """Steady SPS of the one run in `run_dir` between the first and last points of the per-update loss `tag`, the
-    wall times of that window, and its parameter counts."""
+    """Steady SPS of the one run in `run_dir` (a folder holding one run folder) between the first and last points of
+    the per-update loss `tag`, the window's steps, wall times and updates, and the run's config.json (empty for a run
+    that writes none, such as CleanRL's)."""
     (run_path,) = glob.glob(os.path.join(run_dir, "*"))
     points = EventAccumulator(run_path).Reload().Scalars(tag)
     first, last = points[0], points[-1]
-    with open(os.path.join(run_path, "config.json")) as f:
-        config = json.load(f)
+    config_path = os.path.join(run_path, "config.json")
+    config = {}
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
     return {
         "steady_sps": round((last.step - first.step) / (last.wall_time - first.wall_time), 1),
         "window_steps": (first.step, last.step),
         "window_wall_time": (first.wall_time, last.wall_time),
+        "updates_in_window": len(points) - 1,
         "actor_params": config.get("actor_params"),
         "critic_params": config.get("critic_params"),
+        "config": config,
     }
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time (seconds, all threads) of process `pid` from /proc/<pid>/stat; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):  # the process has exited or is exiting
+        return None
+
+
+def run_sampling_cpu(cmd: list[str], env: dict, cwd: str | None = None, interval: float = 0.1) -> np.ndarray:
+    """Run `cmd` to its end (stdout discarded), sampling its CPU time every `interval` s: a (samples, 2) array of
+    (wall time, CPU seconds). Raises RuntimeError with the end of its stderr if it exits non-zero."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        samples = []
+        while proc.poll() is None:
+            cpu = cpu_seconds(proc.pid)
+            if cpu is not None:
+                samples.append((time.time(), cpu))
+            time.sleep(interval)
+        if proc.returncode != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"{' '.join(cmd[:3])} exited {proc.returncode}: {stderr.read()[-2000:]}")
+    return np.array(samples)
+
+
+def cpu_between(samples: np.ndarray, t0: float, t1: float) -> float:
+    """CPU seconds the sampled process used between wall times t0 and t1 (linear interpolation of `samples`)."""
+    cpu = np.interp([t0, t1], samples[:, 0], samples[:, 1])
+    return float(cpu[1] - cpu[0])
 
 
 if __name__ == "__main__":

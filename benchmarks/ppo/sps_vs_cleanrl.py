@@ -5,7 +5,8 @@ Each run is a subprocess with the same number of torch threads (OMP_NUM_THREADS)
 the first and the last `losses/value_loss` TensorBoard point (one per update, so the window holds whole updates: env
 steps, network passes and optimisation, and neither start-up nor evaluation) divided by the wall time between them.
 `cpu_sps` divides the same steps by the CPU time (user + system, all threads) the process used in that window, read
-from /proc every 0.1 s: on a machine shared with other jobs it is the contention-free figure (with one torch thread
+from /proc every 0.1 s (`steady_sps`, `run_sampling_cpu` and `cpu_between` of benchmarks/sps.py, shared with the SAC and
+Snake benchmarks): on a machine shared with other jobs it is the contention-free figure (with one torch thread
 both scripts keep about one core busy, so uncontended wall-clock SPS is close to it).
 
 CleanRL runs in its own virtual environment (its pins: gymnasium 0.29, so HalfCheetah-v4 and BreakoutNoFrameskip-v4
@@ -18,17 +19,14 @@ Prints one JSON line per run and a last line with the medians and the ratios our
 """
 
 import argparse
-import bisect
-import glob
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sps import cpu_between, run_sampling_cpu, steady_sps  # noqa: E402  (benchmarks/sps.py: measured alike)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = {  # ours (script, env id), CleanRL's (script, env id), CleanRL's default batch (num_envs * num_steps)
@@ -41,46 +39,13 @@ IMPORT_ALE_THEN_RUN = (
 )
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process `pid`, all its threads (None once it has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def run_sampling_cpu(cmd, cwd, env) -> list[tuple[float, float]]:
-    """Run `cmd` to its end, sampling (wall time, CPU seconds) every 0.1 s."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    samples = []
-    while proc.poll() is None:
-        cpu = cpu_seconds(proc.pid)
-        if cpu is not None:
-            samples.append((time.time(), cpu))
-        time.sleep(0.1)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-    return samples
-
-
-def cpu_at(samples, wall_time: float) -> float:
-    """CPU seconds at `wall_time`, linearly interpolated between the samples around it."""
-    i = min(max(bisect.bisect(samples, (wall_time, float("inf"))), 1), len(samples) - 1)
-    (t0, c0), (t1, c1) = samples[i - 1], samples[i]
-    return c0 + (c1 - c0) * (wall_time - t0) / max(t1 - t0, 1e-9)
-
-
-def steady_sps(run_dir: str, samples) -> dict:
-    """Steady SPS (wall and CPU time) and updates in the window of the one run under `run_dir`."""
-    (events,) = glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
-    points = EventAccumulator(os.path.dirname(events)).Reload().Scalars("losses/value_loss")
-    first, last = points[0], points[-1]
-    cpu = cpu_at(samples, last.wall_time) - cpu_at(samples, first.wall_time)
-    return {"steady_sps": round((last.step - first.step) / (last.wall_time - first.wall_time), 1),
-            "cpu_sps": round((last.step - first.step) / cpu, 1), "updates_in_window": len(points) - 1,
-            "cpu_per_wall": round(cpu / (last.wall_time - first.wall_time), 2)}  # fmt: skip
+def steady_sps_with_cpu(cwd: str, samples) -> dict:
+    """Steady SPS (wall and CPU time) and updates in the window of the one run under `cwd`/runs."""
+    result = steady_sps(os.path.join(cwd, "runs"), tag="losses/value_loss")
+    (first, last), (t0, t1) = result["window_steps"], result["window_wall_time"]
+    cpu = cpu_between(samples, t0, t1)
+    return {"steady_sps": result["steady_sps"], "cpu_sps": round((last - first) / cpu, 1),
+            "updates_in_window": result["updates_in_window"], "cpu_per_wall": round(cpu / (t1 - t0), 2)}  # fmt: skip
 
 
 def command(task: str, which: str, cli, extra) -> tuple[list[str], dict]:
@@ -103,8 +68,8 @@ def measure(task: str, which: str, cli, extra) -> dict:
     with tempfile.TemporaryDirectory() as cwd:
         if which == "ours":
             cmd += ["--run-dir", os.path.join(cwd, "runs")]
-        samples = run_sampling_cpu(cmd, cwd, env)
-        return {"task": task, "which": which, **steady_sps(cwd, samples), "threads": cli.threads}
+        samples = run_sampling_cpu(cmd, env, cwd=cwd)
+        return {"task": task, "which": which, **steady_sps_with_cpu(cwd, samples), "threads": cli.threads}
 
 
 if __name__ == "__main__":

@@ -12,55 +12,26 @@ Usage: python benchmarks/snake/sps.py dqn_snake_cnn.py [--steps 14000] [--learni
 """
 
 import argparse
-import glob
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sps import RUN_ENV, steady_sps  # noqa: E402  (benchmarks/sps.py: the SAC scripts' SPS, measured the same way)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def run_and_sample(cmd: list) -> np.ndarray:
-    """Run `cmd`; (samples, 2) array of (wall time, CPU seconds of the process)."""
-    proc = subprocess.Popen(cmd, env={**os.environ, **RUN_ENV}, stdout=subprocess.DEVNULL)
-    samples = []
-    while proc.poll() is None:
-        try:
-            samples.append((time.time(), cpu_seconds(proc.pid)))
-        except (OSError, IndexError, ValueError):  # the process is exiting
-            break
-        time.sleep(0.2)
-    if proc.wait() != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} exited with {proc.returncode}")
-    return np.array(samples)
+from sps import RUN_ENV, cpu_between, run_sampling_cpu, steady_sps  # noqa: E402  (benchmarks/sps.py: measured alike)
 
 
 def steady_sps_with_cpu(run_dir: str, samples: np.ndarray) -> dict:
     """`steady_sps` on `losses/td_loss` (per wall second), the same window per CPU second, and the parameter count."""
     result = steady_sps(run_dir, tag="losses/td_loss")
     (first, last), (t0, t1) = result["window_steps"], result["window_wall_time"]
-    cpu = np.interp([t0, t1], samples[:, 0], samples[:, 1])
-    (run_path,) = glob.glob(os.path.join(run_dir, "*"))
-    with open(os.path.join(run_path, "config.json")) as f:
-        config = json.load(f)
     return {
         "steady_sps": result["steady_sps"],
-        "steady_sps_cpu": round((last - first) / (cpu[1] - cpu[0]), 1),
+        "steady_sps_cpu": round((last - first) / cpu_between(samples, t0, t1), 1),
         "window_steps": [first, last],
-        "q_network_params": config["q_network_params"],
+        "q_network_params": result["config"]["q_network_params"],
     }
 
 
@@ -77,7 +48,7 @@ if __name__ == "__main__":
                str(cli.learning_starts), "--eval-frequency", str(cli.steps), "--final-eval-episodes", "0",
                "--run-dir", run_dir, "--exp-name", "sps", *extra]  # fmt: skip
         load_before = os.getloadavg()[0]
-        samples = run_and_sample(cmd)
+        samples = run_sampling_cpu(cmd, env={**os.environ, **RUN_ENV}, interval=0.2)
         result = steady_sps_with_cpu(run_dir, samples)
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps({"script": os.path.basename(cli.script), "args": " ".join(extra), **result, "load_avg": load}))
