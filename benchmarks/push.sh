@@ -5,7 +5,8 @@
 # Usage: bash benchmarks/push.sh OUT_DIR STEPS "SEEDS" RUN [RUN ...]
 #   RUN is AGENT[:CONFIG][@SEED] (@SEED: that seed only, instead of SEEDS). AGENT: mlp (sac_fetch_mlp.py,
 #   256x256), d4 (sac_fetch_equivariant.py, its default: the MLP's width, 2 x 256 channels), d8 (--dihedral-n 8,
-#   2 x 512 channels), d4p (D_4 with --reg-rep-n 90: the MLP's parameter count). CONFIG: a row of CONFIG below, flags
+#   2 x 512 channels), d4p (D_4 with --reg-rep-n 90: the MLP's parameter count), d8p (D_8 with --reg-rep-n 64: the
+#   same parameter count, 2 x 1024 channels). CONFIG: a row of CONFIG below, flags
 #   on top of the scripts' defaults.
 #   Run folder OUT_DIR/FetchPush-v4__push-AGENT[-CONFIG]__SEED (exp_name push-AGENT[-CONFIG]); a stopped run resumes.
 # The comparison (seeds 2-4; seed 1 chose the defaults, so it is not reported there):
@@ -18,8 +19,9 @@ cd "$(dirname "$0")/.."
 out="$1" steps="$2" seeds="$3"
 shift 3
 declare -A SCRIPT=([mlp]=sac_fetch_mlp.py [d4]=sac_fetch_equivariant.py [d8]=sac_fetch_equivariant.py
-                  [d4p]=sac_fetch_equivariant.py)
-declare -A AGENT_FLAGS=([mlp]="" [d4]="" [d8]="--dihedral-n 8" [d4p]="--reg-rep-n 90")
+                  [d4p]=sac_fetch_equivariant.py [d8p]=sac_fetch_equivariant.py)
+declare -A AGENT_FLAGS=([mlp]="" [d4]="" [d8]="--dihedral-n 8" [d4p]="--reg-rep-n 90"
+                      [d8p]="--dihedral-n 8 --reg-rep-n 64")
 declare -A CONFIG=(
   [no_obs_norm]="--no-obs-norm"
   [gamma98_tau005]="--gamma 0.98 --tau 0.005"
