@@ -45,7 +45,8 @@ class Args:
     """the wandb project name"""
     capture_video: bool = False
     """if toggled, the first episode of every evaluation (the held-out one's too) is saved as a video in
-    `<run_dir>/<run_name>/videos` (evaluation then runs on the gymnasium-wrapper path)"""
+    `<run_dir>/<run_name>/videos` (evaluation then runs on the gymnasium-wrapper path, in one process: its no-op
+    starts come from gymnasium's generator, so its scores differ slightly from the ale path's)"""
     save_model: bool = False
     """if toggled, the agent is saved to `<run_dir>/<run_name>/model.pt` at every evaluation"""
     checkpoint_frequency: int = 500_000
@@ -833,7 +834,8 @@ def main(args: Args) -> int:
         os.makedirs(run_path)
         with open(os.path.join(run_path, "config.json"), "w") as f:
             json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
-    eval_envs = make_vector_env(args.env_id, args.eval_episodes, args.vector_env_mode, capture_video=args.capture_video,
+    eval_mode = "sync" if args.capture_video else args.vector_env_mode  # the recorder is reached in this process
+    eval_envs = make_vector_env(args.env_id, args.eval_episodes, eval_mode, capture_video=args.capture_video,
                                 video_dir=os.path.join(run_path, "videos"))  # fmt: skip
     minibatch_rng = np.random.default_rng(np.random.SeedSequence(args.seed))
     if saved is None:

@@ -535,9 +535,30 @@ def validate_args(args: Args) -> None:
             raise ValueError(message)
     if args.track and importlib.util.find_spec("wandb") is None:
         raise ValueError("--track needs Weights and Biases: pip install wandb")
-    if args.capture_video and importlib.util.find_spec("moviepy") is None:
-        raise ValueError("--capture-video needs moviepy: pip install moviepy")
     check_env(args.env_id)
+    if args.capture_video:
+        check_rendering(args.env_id)
+
+
+def check_rendering(env_id: str) -> None:
+    """Raise ValueError if --capture-video cannot work: no moviepy, or no OpenGL context (headless: MUJOCO_GL=egl)."""
+    if importlib.util.find_spec("moviepy") is None:
+        raise ValueError("--capture-video needs moviepy: pip install moviepy")
+    # crucial: import what the optimizer imports (torch._dynamo, and with it triton on CUDA builds) before the first
+    # OpenGL context. Mesa's EGL driver puts the system libLLVM in the global symbol scope, and a triton loaded later
+    # binds its own LLVM symbols to it and segfaults in its static initializers.
+    import torch._dynamo  # noqa: F401
+
+    env = gym.make(env_id, render_mode="rgb_array")
+    try:
+        env.reset(seed=0)
+        env.render()
+    except Exception as err:  # MuJoCo raises several types when no OpenGL context can be made
+        raise ValueError(
+            f"--capture-video cannot render ({type(err).__name__}: {err}); headless: MUJOCO_GL=egl"
+        ) from err
+    finally:
+        env.close()
 
 
 def check_finite(name: str, value: torch.Tensor, global_step: int) -> None:

@@ -305,3 +305,13 @@ def test_bad_env_id_exits_2_with_one_line_and_writes_nothing(tmp_path):
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: unknown --env-id 'Pong-v4'; supported:")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("mode", ["ale", "async"])
+def test_capture_video_saves_one_video_per_evaluation(tmp_path, mode):
+    """Evaluation then runs on the gymnasium path in this process, whichever path training uses."""
+    result = run(script_args(tmp_path / "runs", 2 * UPDATE, ["--capture-video", "--vector-env-mode", mode]), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 3  # stdout keeps only the JSON lines: 2 evaluations, 1 held-out
+    videos = glob.glob(str(tmp_path / "runs" / "*" / "videos" / "*.mp4"))
+    assert len(videos) == 3 and all(os.path.getsize(v) > 1000 for v in videos)

@@ -333,3 +333,21 @@ def test_bad_env_id_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert result.stderr.splitlines() == ["error: --env-id must have a Box action space, got CartPole-v1 with "
                                           "Discrete(2)"]  # fmt: skip
     assert not (tmp_path / "runs").exists()
+
+
+def test_capture_video_saves_one_video_per_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    result = run(script_args(tmp_path / "runs", extra=["--capture-video"]), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 3  # stdout keeps only the JSON lines: 2 evaluations, 1 held-out
+    videos = glob.glob(str(tmp_path / "runs" / "*" / "videos" / "*.mp4"))
+    assert len(videos) == 3 and all(os.path.getsize(v) > 1000 for v in videos)
+
+
+def test_capture_video_without_a_renderer_fails_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "glfw")  # no display here: GLFW cannot make a context
+    monkeypatch.delenv("DISPLAY", raising=False)
+    result = run(script_args(tmp_path / "runs", extra=["--capture-video"]), tmp_path)
+    assert result.returncode == 2
+    assert "error: --capture-video cannot render" in result.stderr and "MUJOCO_GL=egl" in result.stderr
+    assert not (tmp_path / "runs").exists()
