@@ -9,6 +9,9 @@
 #   same parameter count, 2 x 1024 channels). CONFIG: a row of CONFIG below, flags
 #   on top of the scripts' defaults.
 #   Run folder OUT_DIR/FetchPush-v4__push-AGENT[-CONFIG]__SEED (exp_name push-AGENT[-CONFIG]); a stopped run resumes.
+#   ENV_ID (default FetchPush-v4) runs another Fetch task the same way (one OUT_DIR per task: the logs are named
+#   OUT_DIR/push-AGENT.SEED.log), e.g. ENV_ID=FetchSlide-v4: folders
+#   OUT_DIR/FetchSlide-v4__push-AGENT__SEED.
 # The comparison (seeds 2-4; seed 1 chose the defaults, so it is not reported there):
 #   bash benchmarks/push.sh runs/push_cmp 150000 "2 3 4" mlp d4 d8
 #   python compare_runs.py runs/push_cmp --env-id FetchPush-v4 --out docs/figures/push_cmp
@@ -16,7 +19,7 @@
 #   bash benchmarks/push.sh runs/push_ablation 150000 1 mlp mlp:no_obs_norm mlp:gamma98_tau005 mlp:old_defaults
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="$1" steps="$2" seeds="$3"
+out="$1" steps="$2" seeds="$3" env_id="${ENV_ID:-FetchPush-v4}"
 shift 3
 declare -A SCRIPT=([mlp]=sac_fetch_mlp.py [d4]=sac_fetch_equivariant.py [d8]=sac_fetch_equivariant.py
                   [d4p]=sac_fetch_equivariant.py [d8p]=sac_fetch_equivariant.py)
@@ -50,9 +53,9 @@ for seed in $seeds; do
     name="push-$agent${config:+-$config}" flags=""
     [ -z "$config" ] || flags="${CONFIG[$config]}"
     # shellcheck disable=SC2086
-    python "${SCRIPT[$agent]}" --env-id FetchPush-v4 --total-timesteps "$steps" --eval-frequency 10000 \
+    python "${SCRIPT[$agent]}" --env-id "$env_id" --total-timesteps "$steps" --eval-frequency 10000 \
       --eval-episodes 20 --seed "$run_seed" --run-dir "$out" --exp-name "$name" \
-      --run-name "FetchPush-v4__${name}__$run_seed" ${AGENT_FLAGS[$agent]} $flags > "$out/$name.$run_seed.log" 2>&1 &
+      --run-name "${env_id}__${name}__$run_seed" ${AGENT_FLAGS[$agent]} $flags > "$out/$name.$run_seed.log" 2>&1 &
     running=$((running + 1))
     if [ "$running" -ge "${MAX_PARALLEL:-2}" ]; then wait -n; running=$((running - 1)); fi
   done
