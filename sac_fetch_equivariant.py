@@ -124,8 +124,10 @@ class Args:
     # Network arguments
     dihedral_n: int = 4
     """N of the symmetry group D_N (rotations by 2*pi/N about the base's z axis and the mirror y -> -y)"""
-    reg_rep_n: int = 32
-    """regular-representation fields per hidden layer (width 2 * N * reg_rep_n channels)"""
+    reg_rep_n: int | None = None
+    """regular-representation fields per hidden layer (width 2 * N * reg_rep_n channels); None: the MLP twin's
+    parameter count, the largest n with 2N n^2 <= 256^2 (D_4: 90, D_8: 64, D_16: 45; see `hidden_fields`); 32 gives
+    D_4 the MLP's width (256 channels) at a seventh of its parameters"""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,11 +324,26 @@ def regular_mlp(in_type: enn.FieldType, hidden_type: enn.FieldType) -> list:
     ]
 
 
+MLP_TWIN_WIDTH = 256  # sac_fetch_mlp.py's default hidden width (its --hidden-sizes 256 256)
+
+
+def hidden_fields(args: Args) -> int:
+    """Regular fields per hidden layer: `reg_rep_n`, or where it is None the parameter-matched default, the largest n
+    with 2N n^2 <= 256^2. The MLP twin's hidden-to-hidden layer has 256^2 weights; a D_N-equivariant linear map
+    between n regular fields has |D_N| n^2 = 2N n^2 free parameters (one per group element and pair of fields), so
+    the two match at n = 256 / sqrt(2N), rounded down: D_4 90 (68.7k parameters per network on Push against the
+    MLP's 76.8k), D_8 64 (68.3k), D_16 45. On FetchPush-v4 this width learns and D_4 at the MLP's width (32 fields,
+    9.6k parameters) does not (docs/BENCHMARKS.md, "FetchPush-v4")."""
+    if args.reg_rep_n is not None:
+        return args.reg_rep_n
+    return max(1, math.isqrt(MLP_TWIN_WIDTH**2 // (2 * args.dihedral_n)))
+
+
 def network_setup(args: Args):
     """The gspace of D_N acting on the base frame (no base space: the inputs are vectors, not images)."""
     G = group.dihedral_group(args.dihedral_n)
     gspace = gspaces.no_base_space(G)
-    return gspace, enn.FieldType(gspace, args.reg_rep_n * [G.regular_representation])
+    return gspace, enn.FieldType(gspace, hidden_fields(args) * [G.regular_representation])
 
 
 NETWORK_ARGS = ("dihedral_n", "reg_rep_n")
@@ -334,15 +351,18 @@ NETWORK_ARGS = ("dihedral_n", "reg_rep_n")
 
 def dense_widths(in_dim: int, out_dim: int, args: Args) -> list[int]:
     """Widths of one network's layers as dense matrices (escnn expands every equivariant weight to one)."""
-    width = 2 * args.dihedral_n * args.reg_rep_n  # |D_N| = 2N channels per regular field
+    width = 2 * args.dihedral_n * hidden_fields(args)  # |D_N| = 2N channels per regular field
     return [in_dim, width, width, out_dim]
 
 
 def validate_network_args(args: Args) -> None:
+    """Raise ValueError on a bad network argument; a None `reg_rep_n` becomes its number (`hidden_fields`), so that
+    config.json, checkpoints and a resume's comparison of arguments hold the width the run used."""
     if args.dihedral_n < 1:
         raise ValueError(f"--dihedral-n must be >= 1, got {args.dihedral_n}")
-    if args.reg_rep_n < 1:
+    if args.reg_rep_n is not None and args.reg_rep_n < 1:
         raise ValueError(f"--reg-rep-n must be >= 1, got {args.reg_rep_n}")
+    args.reg_rep_n = hidden_fields(args)
 
 
 def exact_zeros(t: torch.Tensor) -> torch.Tensor:

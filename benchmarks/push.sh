@@ -4,16 +4,17 @@
 # time.
 # Usage: bash benchmarks/push.sh OUT_DIR STEPS "SEEDS" RUN [RUN ...]
 #   RUN is AGENT[:CONFIG][@SEED] (@SEED: that seed only, instead of SEEDS). AGENT: mlp (sac_fetch_mlp.py,
-#   256x256), d4 (sac_fetch_equivariant.py, its default: the MLP's width, 2 x 256 channels), d8 (--dihedral-n 8,
-#   2 x 512 channels), d4p (D_4 with --reg-rep-n 90: the MLP's parameter count), d8p (D_8 with --reg-rep-n 64: the
-#   same parameter count, 2 x 1024 channels). CONFIG: a row of CONFIG below, flags
+#   256x256), d4 (sac_fetch_equivariant.py --reg-rep-n 32: D_4 at the MLP's width, 2 x 256 channels), d8
+#   (--dihedral-n 8 --reg-rep-n 32, 2 x 512 channels), d4p (D_4 with --reg-rep-n 90: the MLP's parameter count, the
+#   script's default), d8p (D_8 with --reg-rep-n 64: the same parameter count, 2 x 1024 channels, the default for
+#   --dihedral-n 8). CONFIG: a row of CONFIG below, flags
 #   on top of the scripts' defaults.
 #   Run folder OUT_DIR/FetchPush-v4__push-AGENT[-CONFIG]__SEED (exp_name push-AGENT[-CONFIG]); a stopped run resumes.
 #   ENV_ID (default FetchPush-v4) runs another Fetch task the same way (one OUT_DIR per task: the logs are named
 #   OUT_DIR/push-AGENT.SEED.log), e.g. ENV_ID=FetchSlide-v4: folders
 #   OUT_DIR/FetchSlide-v4__push-AGENT__SEED.
 # The comparison (seeds 2-4; seed 1 chose the defaults, so it is not reported there):
-#   bash benchmarks/push.sh runs/push_cmp 150000 "2 3 4" mlp d4 d8
+#   bash benchmarks/push.sh runs/push_cmp 150000 "2 3 4" mlp d4p d8p d4 d8
 #   python compare_runs.py runs/push_cmp --env-id FetchPush-v4 --out docs/figures/push_cmp
 # The update-regime ablation (seed 1):
 #   bash benchmarks/push.sh runs/push_ablation 150000 1 mlp mlp:no_obs_norm mlp:gamma98_tau005 mlp:old_defaults
@@ -23,7 +24,7 @@ out="$1" steps="$2" seeds="$3" env_id="${ENV_ID:-FetchPush-v4}"
 shift 3
 declare -A SCRIPT=([mlp]=sac_fetch_mlp.py [d4]=sac_fetch_equivariant.py [d8]=sac_fetch_equivariant.py
                   [d4p]=sac_fetch_equivariant.py [d8p]=sac_fetch_equivariant.py)
-declare -A AGENT_FLAGS=([mlp]="" [d4]="" [d8]="--dihedral-n 8" [d4p]="--reg-rep-n 90"
+declare -A AGENT_FLAGS=([mlp]="" [d4]="--reg-rep-n 32" [d8]="--dihedral-n 8 --reg-rep-n 32" [d4p]="--reg-rep-n 90"
                       [d8p]="--dihedral-n 8 --reg-rep-n 64")
 declare -A CONFIG=(
   [no_obs_norm]="--no-obs-norm"

@@ -13,10 +13,11 @@ What each figure means:
   last `losses/qf1_loss` TensorBoard point, all after learning_starts = 1000, over the wall time between them). Every
   run has one torch thread (OMP_NUM_THREADS=1). The two runs of a pair start together as concurrent subprocesses (the
   machine has 2 cores), so both see the same machine conditions; a pair's ratio is the figure to quote.
-    main      `sac_fetch_equivariant.py --env-id FetchSlideDense-v4 --dihedral-n 8` (the main job), working tree vs
-              the base commit's copy (`git show BASE:sac_fetch_equivariant.py`). Ratio new / base, target >= 3.
-    eq-mlp    `sac_fetch_equivariant.py` (D_4, reg_rep_n 32 = 256 channels) vs `sac_fetch_mlp.py` (256x256), both
-              at their defaults on FetchReachDense-v4, working tree. Ratio eq / mlp, target >= 0.9.
+    main      `sac_fetch_equivariant.py --env-id FetchSlideDense-v4 --dihedral-n 8 --reg-rep-n 32` (the main job at
+              the network the speed issue measured: 32 fields, the base commit's default), working tree vs the base
+              commit's copy (`git show BASE:sac_fetch_equivariant.py`). Ratio new / base, target >= 3.
+    eq-mlp    `sac_fetch_equivariant.py --reg-rep-n 32` (D_4, 256 channels: the MLP's width) vs `sac_fetch_mlp.py`
+              (256x256) on FetchReachDense-v4, working tree. Ratio eq / mlp, target >= 0.9.
     mlp-sb3   `sac_fetch_mlp.py` vs Stable-Baselines3 2.9.2 SAC + HER (benchmarks/sb3_sac_her_sps.py, always 4000
               steps, window steps 1500-4000), FetchReachDense-v4. Ratio mlp / sb3, target >= 2. SB3 is not a project
               dependency: it is installed into /tmp/sb3site when missing and put on the run's PYTHONPATH.
@@ -35,8 +36,9 @@ What each figure means:
   included) over one full `policy_frequency` cycle, divided by `policy_frequency`. "peak" is this core's
   single-thread fp32 matmul rate (best of several 2048^3 matmuls); "floor ms" = FLOPs / peak is the time of the
   matmuls alone at peak, and "floor/measured" says how close an update is to that floor (1.0 = nothing but matmuls at
-  peak). Each row runs in its own subprocess. Rows: the main job and both defaults (D_4 and the MLP, Reach), for the
-  base commit and the working tree, and the MLP with `bf16=True` when the working tree's `Args` has that field.
+  peak). Each row runs in its own subprocess. Rows: the main job and D_4 (both at 32 fields) and the MLP default
+  (Reach), for the base commit and the working tree, and the MLP with `bf16=True` when the working tree's `Args` has
+  that field.
 
 The working tree's two scripts are copied when the benchmark starts, so editing them meanwhile changes nothing.
 Output: readable tables, one JSON line per measurement (prefix `JSON `), and the ratios with their targets (pass /
@@ -361,12 +363,13 @@ PAIR_TARGETS = {"main": 3.0, "eq-mlp": 0.9, "mlp-sb3": 2.0, "bf16-sb3": 2.0}  # 
 
 def sps_pairs(new_dir: str, base_dir: str, base_rev: str, bf16: bool) -> dict:
     """Name -> (reference run, candidate run); the ratio is candidate SPS / reference SPS."""
-    main_job = ("--dihedral-n", "8")
+    main_job = ("--dihedral-n", "8", "--reg-rep-n", "32")
+    eq_width = ("--reg-rep-n", "32")
     mlp = os.path.join(new_dir, MLP)
     pairs = {
         "main": (Run(f"main job @{base_rev}", os.path.join(base_dir, EQ), SLIDE, main_job),
                  Run("main job new", os.path.join(new_dir, EQ), SLIDE, main_job)),
-        "eq-mlp": (Run("mlp 256x256", mlp), Run("eq D4 default", os.path.join(new_dir, EQ))),
+        "eq-mlp": (Run("mlp 256x256", mlp), Run("eq D4 32 fields", os.path.join(new_dir, EQ), extra=eq_width)),
         "mlp-sb3": (Run("sb3 SAC+HER", None), Run("mlp 256x256", mlp)),
     }  # fmt: skip
     if bf16:
@@ -381,8 +384,8 @@ def update_rows(new_dir: str, base_dir: str, base_rev: str, bf16: bool) -> list[
     rows = []
     for where, folder in ((f"@{base_rev}", base_dir), ("new", new_dir)):
         rows += [
-            row(f"main job {where}", EQ, folder, SLIDE, {"dihedral_n": 8}),
-            row(f"eq D4 default {where}", EQ, folder, REACH, {}),
+            row(f"main job {where}", EQ, folder, SLIDE, {"dihedral_n": 8, "reg_rep_n": 32}),
+            row(f"eq D4 32 fields {where}", EQ, folder, REACH, {"reg_rep_n": 32}),
             row(f"mlp default {where}", MLP, folder, REACH, {}),
         ]
     if bf16:
@@ -417,8 +420,8 @@ def ratios(records: list[dict]) -> list[tuple]:
             out.append((f"SPS {pair}: {cand['run']} / {ref['run']}", cand["steady_sps"] / ref["steady_sps"], target))
     upd = {r["row"]: r["update_ms"] for r in records if r["kind"] == "update"}
     base = next((k.removeprefix("main job ") for k in upd if k.startswith("main job @")), "")
-    for ref, cand in ((f"main job {base}", "main job new"), (f"eq D4 default {base}", "eq D4 default new"),
-                      (f"mlp default {base}", "mlp default new"), ("mlp default new", "eq D4 default new"),
+    for ref, cand in ((f"main job {base}", "main job new"), (f"eq D4 32 fields {base}", "eq D4 32 fields new"),
+                      (f"mlp default {base}", "mlp default new"), ("mlp default new", "eq D4 32 fields new"),
                       ("mlp default new", "mlp bf16 new")):  # fmt: skip
         if ref in upd and cand in upd:
             out.append((f"update speed {cand} vs {ref} (ms ratio)", upd[ref] / upd[cand], None))

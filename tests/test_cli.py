@@ -58,6 +58,26 @@ def test_defaults_are_valid(eq, mlp):
     mlp.validate_args(mlp.Args())
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 8, 16])
+def test_default_width_matches_the_mlp_twins_parameter_count(eq, mlp, n):
+    """--reg-rep-n unset: the largest field count whose hidden-to-hidden layer (2N n^2 free parameters) has at most
+    the MLP twin's 256^2 weights; validation writes the number into Args (config.json and checkpoints hold it), and
+    the built networks on the object tasks then have 85-100 % of the MLP twin's parameters."""
+    args = eq.Args(env_id="FetchPush-v4", dihedral_n=n)
+    eq.validate_args(args)
+    fields = args.reg_rep_n
+    assert 2 * n * fields**2 <= 256**2 < 2 * n * (fields + 1) ** 2
+    assert {2: 128, 4: 90, 8: 64, 16: 45}.get(n, fields) == fields
+    obs_fields = eq.OBJECT_FIELDS + eq.GOAL_FIELDS
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    for build in ("Actor", "SoftQNetworks"):
+        ratio = count(getattr(eq, build)(obs_fields, args)) / count(getattr(mlp, build)(obs_fields, mlp.Args()))
+        assert 0.85 < ratio <= 1.0, (build, ratio)
+    explicit = eq.Args(dihedral_n=n, reg_rep_n=32)
+    eq.validate_args(explicit)
+    assert explicit.reg_rep_n == 32
+
+
 def run(script: str, args: list, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
