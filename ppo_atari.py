@@ -249,11 +249,13 @@ def make_env(env_id: str, noop_max: int = 30, capture_video: bool = False, video
 
 def make_vector_env(env_id: str, num_envs: int, mode: str, noop_max: int = 30, capture_video: bool = False,
                     video_dir: str = "") -> gym.vector.VectorEnv:  # fmt: skip
-    """`num_envs` preprocessed Atari envs (see `make_ale_vector_env`), autoreset in the same step."""
+    """`num_envs` preprocessed Atari envs (see `make_ale_vector_env`), autoreset in the same step. With
+    `capture_video`, env 0 records and the envs run in this process (gymnasium path, SyncVectorEnv), whatever `mode`
+    is, so that `set_video_trigger` reaches its recorder."""
     if mode == "ale" and not capture_video:
         return make_ale_vector_env(env_id, num_envs, noop_max)
     thunks = [make_env(env_id, noop_max, capture_video and i == 0, video_dir) for i in range(num_envs)]
-    vector_cls = gym.vector.AsyncVectorEnv if mode == "async" else gym.vector.SyncVectorEnv
+    vector_cls = gym.vector.AsyncVectorEnv if mode == "async" and not capture_video else gym.vector.SyncVectorEnv
     return vector_cls(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
@@ -834,8 +836,7 @@ def main(args: Args) -> int:
         os.makedirs(run_path)
         with open(os.path.join(run_path, "config.json"), "w") as f:
             json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
-    eval_mode = "sync" if args.capture_video else args.vector_env_mode  # the recorder is reached in this process
-    eval_envs = make_vector_env(args.env_id, args.eval_episodes, eval_mode, capture_video=args.capture_video,
+    eval_envs = make_vector_env(args.env_id, args.eval_episodes, args.vector_env_mode, capture_video=args.capture_video,
                                 video_dir=os.path.join(run_path, "videos"))  # fmt: skip
     minibatch_rng = np.random.default_rng(np.random.SeedSequence(args.seed))
     if saved is None:
