@@ -41,6 +41,9 @@ class Args:
     """keep only the runs of this env id (required when the folders hold runs of several env ids)"""
     threshold: float | None = None
     """also report the env steps each group needs to reach metric >= threshold"""
+    baseline: str | None = None
+    """label of a group (as the table shows it): every other group's mean steps to the threshold divided by this
+    group's, with a 95% bootstrap CI; without `--threshold` the threshold is this group's final mean"""
     out: str | None = None
     """write `<out>.png`, `<out>.svg` and `<out>.md`; None: print the table only"""
     align: Literal["interpolate", "common"] = "interpolate"
@@ -319,6 +322,22 @@ def steps_to_threshold(grid: np.ndarray, values: np.ndarray, threshold: float) -
     return steps, reached
 
 
+def ratio_estimate(
+    steps: np.ndarray, baseline_steps: np.ndarray, reps: int, seed: int
+) -> tuple[float, tuple[float, float] | None]:
+    """mean(steps) / mean(baseline_steps) and its 95% percentile bootstrap CI, the seeds of each group resampled
+    with replacement independently (two-sample bootstrap); no CI when either group has a single seed."""
+    steps, baseline_steps = np.asarray(steps, dtype=float), np.asarray(baseline_steps, dtype=float)
+    point = float(steps.mean() / baseline_steps.mean())
+    if steps.size < 2 or baseline_steps.size < 2:
+        return point, None
+    rng = np.random.default_rng(seed)
+    num = steps[rng.integers(0, steps.size, size=(reps, steps.size))].mean(axis=1)
+    den = baseline_steps[rng.integers(0, baseline_steps.size, size=(reps, baseline_steps.size))].mean(axis=1)
+    lo, hi = np.percentile(num / den, [2.5, 97.5])
+    return point, (float(lo), float(hi))
+
+
 @dataclass
 class GroupResult:
     label: str
@@ -341,6 +360,8 @@ class GroupResult:
     threshold_mean: float | None = None
     threshold_ci: tuple[float, float] | None = None
     mean_curve_reaches: bool = False
+    ratio: float | None = None  # mean steps to the threshold / the baseline's (None for the baseline itself)
+    ratio_ci: tuple[float, float] | None = None
 
     @property
     def n(self) -> int:
@@ -361,6 +382,8 @@ class Comparison:
     reps: int
     groups: list[GroupResult]
     sources: dict[str, int]  # where the metric was read: source -> number of runs
+    baseline: str | None = None
+    threshold_from_baseline: bool = False  # the threshold is the baseline's final mean (no --threshold given)
 
 
 def compare(args: Args) -> Comparison:
@@ -376,6 +399,9 @@ def compare(args: Args) -> Comparison:
         raise UsageError(f"no run folders (folders holding config.json) found under {', '.join(args.run_dirs)}")
     env_id, runs = select_env(runs, args.env_id, args.run_dirs)
     groups = group_runs(runs, args.group_by)
+    if args.baseline is not None and args.baseline not in groups:
+        known = ", ".join(repr(label) for label in groups)
+        raise UsageError(f"--baseline {args.baseline!r} is not a group; groups: {known}")
 
     curves, sps, missing, sources = {}, {}, [], {}
     for run in runs:
@@ -434,14 +460,28 @@ def compare(args: Args) -> Comparison:
         if all(value is not None for value in heldout):
             result.heldout = np.array(heldout)
             result.heldout_iqm, result.heldout_ci = interval_estimate(result.heldout, iqm_func, args.reps, args.seed)
-        if args.threshold is not None:
-            steps, reached = steps_to_threshold(grid, values, args.threshold)
-            result.threshold_steps, result.threshold_reached = steps, reached
-            result.mean_curve_reaches = bool((result.mean_curve >= args.threshold).any())
-            result.threshold_mean, result.threshold_ci = interval_estimate(steps, mean_func, args.reps, args.seed)
         results.append(result)
+    threshold = args.threshold
+    if threshold is None and args.baseline is not None:
+        threshold = next(r.mean for r in results if r.label == args.baseline)
+    if threshold is not None:
+        for result in results:
+            steps, reached = steps_to_threshold(result.grid, result.values, threshold)
+            result.threshold_steps, result.threshold_reached = steps, reached
+            result.mean_curve_reaches = bool((result.mean_curve >= threshold).any())
+            result.threshold_mean, result.threshold_ci = interval_estimate(steps, mean_func, args.reps, args.seed)
+    if args.baseline is not None:
+        base = next(r for r in results if r.label == args.baseline)
+        for result in results:
+            if result is not base:
+                result.ratio, result.ratio_ci = ratio_estimate(
+                    result.threshold_steps, base.threshold_steps, args.reps, args.seed
+                )
     keys = [normalise_key(k) for k in args.group_by]
-    return Comparison(env_id, args.metric, keys, args.threshold, args.align, args.reps, results, sources)
+    from_baseline = args.threshold is None and args.baseline is not None
+    return Comparison(
+        env_id, args.metric, keys, threshold, args.align, args.reps, results, sources, args.baseline, from_baseline
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- output
@@ -457,6 +497,17 @@ def fmt_steps(x: float) -> str:
     return f"{round(x):d}"
 
 
+def format_ratio(g: GroupResult, base: GroupResult) -> str:
+    """The ratio cell: `baseline` for the baseline; a bound (≥, ≤) when censored seeds make the point a bound."""
+    if g is base:
+        return "baseline"
+    censored, base_censored = not g.threshold_reached.all(), not base.threshold_reached.all()
+    if censored and base_censored:
+        return "n/a (both censored)"
+    bound = "≥ " if censored else "≤ " if base_censored else ""
+    return f"{bound}{g.ratio:.2f} {fmt_ci(g.ratio_ci, lambda x: f'{x:.2f}')}"
+
+
 def format_table(comp: Comparison, command: str | None = None) -> str:
     """The markdown table with its explanatory notes."""
     header = ["group", "seeds", "final step", "final IQM [95% CI]", "final mean ± std"]
@@ -465,6 +516,8 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
         header.append("held-out IQM [95% CI]")
     if comp.threshold is not None:
         header.append(f"steps to ≥ {fmt(comp.threshold)} [95% CI]")
+    if comp.baseline is not None:
+        header.append(f"steps ratio to {comp.baseline.replace('|', chr(92) + '|')} [95% CI]")
     header.append("steps/s")
     rows = []
     for g in comp.groups:
@@ -479,6 +532,8 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
             else:
                 cell = f"{fmt_steps(g.threshold_mean)} {fmt_ci(g.threshold_ci, fmt_steps)}"
             row.append(f"{cell} ({int(g.threshold_reached.sum())}/{g.n} reached)")
+        if comp.baseline is not None:
+            row.append(format_ratio(g, next(b for b in comp.groups if b.label == comp.baseline)))
         row.append("n/a" if g.sps is None else f"{g.sps:.0f}")
         rows.append(row)
     lines = [f"## {comp.metric} on {comp.env_id}", ""]
@@ -506,10 +561,23 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
             "over seeds with its CI; the number to report when hyperparameters were selected on the periodic ones."
         )
     if comp.threshold is not None:
+        source = (
+            f" The threshold is the final mean of the baseline `{comp.baseline}`."
+            if comp.threshold_from_baseline
+            else ""
+        )
         notes.append(
             f"steps to ≥ {fmt(comp.threshold)}: per seed the first aligned step with metric ≥ {fmt(comp.threshold)}, "
             "mean over seeds with a 95% bootstrap CI; a seed that never reaches it counts as the last step (censored, "
-            "so the mean is then a lower bound); `not reached`: the group's mean curve never reaches it."
+            "so the mean is then a lower bound); `not reached`: the group's mean curve never reaches it." + source
+        )
+    if comp.baseline is not None:
+        notes.append(
+            f"steps ratio: the group's mean steps to ≥ {fmt(comp.threshold)} divided by the baseline's (<1: the "
+            "group gets there in fewer env steps), with a 95% percentile bootstrap CI that resamples the seeds of "
+            "both groups independently; n/a when either has a single seed. Censored seeds enter at their last step, "
+            "as in the steps column, so the ratio is then a bound: `≥` when some seeds of the group never reach the "
+            "threshold, `≤` when some of the baseline's never do."
         )
     notes.append(
         "steps/s: mean over seeds of each run's last `charts/SPS` (env steps per second since the process started, "

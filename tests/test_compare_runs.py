@@ -128,6 +128,42 @@ def test_equal_threshold_steps_give_a_degenerate_ci(tmp_path):
     assert g.threshold_mean == 500 and g.threshold_ci == (500, 500)
 
 
+def test_steps_ratio_to_a_baseline(tmp_path, capsys):
+    # baseline `mlp`: final mean 0.8, so the threshold is 0.8, reached by both seeds at 1000
+    make_run(tmp_path, "mlp", 1, STEPS, [0.0, 0.2, 0.5, 0.8])
+    make_run(tmp_path, "mlp", 2, STEPS, [0.0, 0.1, 0.6, 0.8])
+    # `eq`: reaches 0.8 at 500 and 750: mean 625, ratio 0.625; two-sample bootstrap ratios lie in {0.5, 0.625, 0.75}
+    make_run(tmp_path, "eq", 1, STEPS, [0.0, 0.9, 0.9, 0.9])
+    make_run(tmp_path, "eq", 2, STEPS, [0.0, 0.5, 0.8, 0.9])
+    # `slow`: one seed never reaches 0.8 (counted at 1000): ratio >= (750 + 1000) / 2 / 1000
+    make_run(tmp_path, "slow", 1, STEPS, [0.0, 0.0, 0.8, 0.8])
+    make_run(tmp_path, "slow", 2, STEPS, [0.0, 0.0, 0.0, 0.1])
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", reps=2000))
+    assert comp.threshold == pytest.approx(0.8) and comp.threshold_from_baseline
+    eq, mlp, slow = comp.groups
+    np.testing.assert_array_equal(mlp.threshold_steps, [1000, 1000])
+    assert mlp.ratio is None
+    assert eq.ratio == pytest.approx(0.625) and eq.ratio_ci == (0.5, 0.75)
+    assert slow.ratio == pytest.approx(0.875)
+
+    rc, out, _ = run_main([str(tmp_path), "--baseline", "mlp"], capsys)
+    assert rc == 0
+    assert "| steps to ≥ 0.8 [95% CI] | steps ratio to mlp [95% CI] |" in out
+    rows = {cells[0]: cells[6] for cells in table_rows(out)}
+    assert rows == {"eq": "0.62 [0.50, 0.75]", "mlp": "baseline", "slow": rows["slow"]}
+    assert rows["slow"].startswith("≥ 0.88 [")
+    assert "The threshold is the final mean of the baseline `mlp`." in out
+
+    # an explicit threshold wins over the baseline's final mean: 0.5 is reached at 750 by both mlp seeds
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", threshold=0.5, reps=2000))
+    assert comp.threshold == 0.5 and not comp.threshold_from_baseline
+    assert comp.groups[0].ratio == pytest.approx(500 / 750)
+
+    rc, out, err = run_main([str(tmp_path), "--baseline", "MLP"], capsys)
+    assert (rc, out) == (2, "")
+    assert err == "error: --baseline 'MLP' is not a group; groups: 'eq', 'mlp', 'slow'\n"
+
+
 def test_alignment_of_different_grids(tmp_path, capsys):
     make_run(tmp_path, "a", 1, [100, 200, 300, 400], [0.0, 1.0, 2.0, 3.0])
     unfinished = make_run(tmp_path, "a", 2, [150, 250, 350], [10.0, 20.0, 30.0], finished=False)
