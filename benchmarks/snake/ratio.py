@@ -6,7 +6,9 @@ runs, grouped by exp_name). The CNN's final score is the mean over its seeds of 
 `eval/score` is >= that score (and, per seed, the first step at which that seed's score is). Ratio = step / the CNN's
 final step. The same with the held-out final evaluation (`heldout/score`, 100 episodes) as the target score.
 
-Usage: python benchmarks/snake/ratio.py RUN_DIR [--cnn-final]   (--cnn-final: print only the CNN's final score)
+Usage: python benchmarks/snake/ratio.py RUN_DIR
+(`compare_runs.py RUN_DIR --metric eval/score --baseline dqn_snake_cnn` gives the ratio to the CNN's own steps to that
+score instead of its budget, with a bootstrap CI.)
 """
 
 import glob
@@ -46,9 +48,6 @@ if __name__ == "__main__":
     run_dir = sys.argv[1]
     cnn_steps, cnn_curves, cnn_finals = load_group(run_dir, "dqn_snake_cnn")
     cnn_final = float(cnn_curves[:, -1].mean())
-    if "--cnn-final" in sys.argv:
-        print(round(cnn_final, 4))
-        raise SystemExit(0)
     eq_steps, eq_curves, eq_finals = load_group(run_dir, "dqn_snake_equivariant")
     budget = int(cnn_steps[-1])
     result = {"cnn_seeds": len(cnn_finals), "eq_seeds": len(eq_finals), "budget": budget}
