@@ -325,9 +325,13 @@ def steps_to_threshold(grid: np.ndarray, values: np.ndarray, threshold: float) -
 def ratio_estimate(
     steps: np.ndarray, baseline_steps: np.ndarray, reps: int, seed: int
 ) -> tuple[float, tuple[float, float] | None]:
-    """mean(steps) / mean(baseline_steps) and its 95% percentile bootstrap CI, the seeds of each group resampled
-    with replacement independently (two-sample bootstrap); no CI when either group has a single seed."""
+    """mean(steps) / mean(baseline_steps) (per-seed env steps to the threshold, shapes (seeds,) and
+    (baseline seeds,)) and its 95% percentile bootstrap CI, the seeds of each group resampled
+    with replacement independently (two-sample bootstrap); no CI when either group has a single seed; NaN when a
+    baseline seed reaches the threshold at step 0."""
     steps, baseline_steps = np.asarray(steps, dtype=float), np.asarray(baseline_steps, dtype=float)
+    if baseline_steps.min() <= 0:
+        return math.nan, None  # a baseline seed is there at step 0: resampled means of 0 give no ratio
     point = float(steps.mean() / baseline_steps.mean())
     if steps.size < 2 or baseline_steps.size < 2:
         return point, None
@@ -501,6 +505,8 @@ def format_ratio(g: GroupResult, base: GroupResult) -> str:
     """The ratio cell: `baseline` for the baseline; a bound (≥, ≤) when censored seeds make the point a bound."""
     if g is base:
         return "baseline"
+    if math.isnan(g.ratio):
+        return "n/a (baseline at step 0)"
     censored, base_censored = not g.threshold_reached.all(), not base.threshold_reached.all()
     if censored and base_censored:
         return "n/a (both censored)"

@@ -159,6 +159,9 @@ def test_steps_ratio_to_a_baseline(tmp_path, capsys):
     assert comp.threshold == 0.5 and not comp.threshold_from_baseline
     assert comp.groups[0].ratio == pytest.approx(500 / 750)
 
+    assert cr.ratio_estimate(np.array([10.0, 20.0]), np.array([0.0, 10.0]), 100, 0)[1] is None  # step 0: no ratio
+    assert cr.ratio_estimate(np.array([15.0]), np.array([20.0, 40.0]), 100, 0) == (0.5, None)  # one seed: no CI
+
     rc, out, err = run_main([str(tmp_path), "--baseline", "MLP"], capsys)
     assert (rc, out) == (2, "")
     assert err == "error: --baseline 'MLP' is not a group; groups: 'eq', 'mlp', 'slow'\n"
