@@ -313,12 +313,15 @@ def bootstrap_band(values: np.ndarray, reps: int, seed: int) -> tuple[np.ndarray
     return lo, hi
 
 
-def steps_to_threshold(grid: np.ndarray, values: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per run: the first grid step at which its value is >= threshold, and whether it got there at all; a run that
-    never does is counted at the last grid step (censored: a mean over such runs is a lower bound)."""
-    hit = values >= threshold
-    reached = hit.any(axis=1)
-    steps = np.where(reached, grid[np.argmax(hit, axis=1)], grid[-1]).astype(float)
+def steps_to_threshold(curves: list[Curve], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per run, on its own recorded steps (not the group's aligned grid, so a run longer than the others is not cut
+    at their end): the first step at which its value is >= threshold, and whether it got there at all; a run that
+    never does is counted at its own last step (censored: a mean over such runs is a lower bound). Shapes (runs,)."""
+    steps, reached = np.empty(len(curves)), np.zeros(len(curves), dtype=bool)
+    for i, curve in enumerate(curves):
+        hit = np.flatnonzero(curve.values >= threshold)
+        reached[i] = hit.size > 0
+        steps[i] = curve.steps[hit[0]] if reached[i] else curve.steps[-1]
     return steps, reached
 
 
@@ -348,6 +351,7 @@ class GroupResult:
     runs: list[str]
     grid: np.ndarray
     values: np.ndarray  # (runs, steps)
+    curves: list[Curve]  # each run's own recorded curve, in the order of `runs`
     band: tuple[np.ndarray, np.ndarray]
     finals: np.ndarray
     iqm: float
@@ -451,6 +455,7 @@ def compare(args: Args) -> Comparison:
             runs=paths,
             grid=grid,
             values=values,
+            curves=group_curves,
             band=bootstrap_band(values, BAND_REPS, args.seed),
             finals=finals,
             iqm=iqm,
@@ -470,7 +475,7 @@ def compare(args: Args) -> Comparison:
         threshold = next(r.mean for r in results if r.label == args.baseline)
     if threshold is not None:
         for result in results:
-            steps, reached = steps_to_threshold(result.grid, result.values, threshold)
+            steps, reached = steps_to_threshold(result.curves, threshold)
             result.threshold_steps, result.threshold_reached = steps, reached
             result.mean_curve_reaches = bool((result.mean_curve >= threshold).any())
             result.threshold_mean, result.threshold_ci = interval_estimate(steps, mean_func, args.reps, args.seed)
@@ -573,9 +578,10 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
             else ""
         )
         notes.append(
-            f"steps to ≥ {fmt(comp.threshold)}: per seed the first aligned step with metric ≥ {fmt(comp.threshold)}, "
-            "mean over seeds with a 95% bootstrap CI; a seed that never reaches it counts as the last step (censored, "
-            "so the mean is then a lower bound); `not reached`: the group's mean curve never reaches it." + source
+            f"steps to ≥ {fmt(comp.threshold)}: per seed the first of its own evaluation steps with metric ≥ "
+            f"{fmt(comp.threshold)} (a run longer than the rest of its group is read to its end), mean over seeds with "
+            "a 95% bootstrap CI; a seed that never reaches it counts as its last step (censored, so the mean is then "
+            "a lower bound); `not reached`: the group's mean curve (aligned steps) never reaches it." + source
         )
     if comp.baseline is not None:
         notes.append(

@@ -121,6 +121,18 @@ def test_threshold_steps(tmp_path, capsys):
     assert rows["b"] == "not reached (1/2 reached)"
 
 
+def test_threshold_steps_read_each_run_to_its_own_end(tmp_path):
+    # a run stopped at 500 (crossed at 250) and one that goes on to 1000 and crosses at 750, after the other's end:
+    # the aligned grid ends at 500, the long run's steps to 0.5 are still 750, not censored at 500
+    make_run(tmp_path, "a", 1, [250, 500], [0.6, 0.9], finished=False)
+    make_run(tmp_path, "a", 2, STEPS, [0.0, 0.1, 0.5, 0.8])
+    make_run(tmp_path, "a", 3, STEPS, [0.0, 0.1, 0.2, 0.3])  # never: censored at its own last step, 1000
+    (g,) = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.5, reps=2000)).groups
+    assert g.grid[-1] == 500
+    np.testing.assert_array_equal(g.threshold_steps, [250, 750, 1000])
+    np.testing.assert_array_equal(g.threshold_reached, [True, True, False])
+
+
 def test_equal_threshold_steps_give_a_degenerate_ci(tmp_path):
     for seed in range(4):
         make_run(tmp_path, "a", seed, STEPS, [0.0, 1.0, 1.0, 1.0 - seed / 10])
