@@ -367,7 +367,6 @@ class GroupResult:
     threshold_reached: np.ndarray | None = None
     threshold_mean: float | None = None
     threshold_ci: tuple[float, float] | None = None
-    mean_curve_reaches: bool = False
     ratio: float | None = None  # mean steps to the threshold / the baseline's (None for the baseline itself)
     ratio_ci: tuple[float, float] | None = None
 
@@ -477,7 +476,6 @@ def compare(args: Args) -> Comparison:
         for result in results:
             steps, reached = steps_to_threshold(result.curves, threshold)
             result.threshold_steps, result.threshold_reached = steps, reached
-            result.mean_curve_reaches = bool((result.mean_curve >= threshold).any())
             result.threshold_mean, result.threshold_ci = interval_estimate(steps, mean_func, args.reps, args.seed)
     if args.baseline is not None:
         base = next(r for r in results if r.label == args.baseline)
@@ -538,10 +536,11 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
         if heldout:
             row.append("n/a" if g.heldout is None else f"{fmt(g.heldout_iqm)} {fmt_ci(g.heldout_ci)}")
         if comp.threshold is not None:
-            if not g.mean_curve_reaches:
+            if not g.threshold_reached.any():
                 cell = "not reached"
             else:
-                cell = f"{fmt_steps(g.threshold_mean)} {fmt_ci(g.threshold_ci, fmt_steps)}"
+                bound = "" if g.threshold_reached.all() else "≥ "
+                cell = f"{bound}{fmt_steps(g.threshold_mean)} {fmt_ci(g.threshold_ci, fmt_steps)}"
             row.append(f"{cell} ({int(g.threshold_reached.sum())}/{g.n} reached)")
         if comp.baseline is not None:
             row.append(format_ratio(g, next(b for b in comp.groups if b.label == comp.baseline)))
@@ -581,7 +580,7 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
             f"steps to ≥ {fmt(comp.threshold)}: per seed the first of its own evaluation steps with metric ≥ "
             f"{fmt(comp.threshold)} (a run longer than the rest of its group is read to its end), mean over seeds with "
             "a 95% bootstrap CI; a seed that never reaches it counts as its last step (censored, so the mean is then "
-            "a lower bound); `not reached`: the group's mean curve (aligned steps) never reaches it." + source
+            "a lower bound, marked `≥`); `not reached`: no seed reaches it." + source
         )
     if comp.baseline is not None:
         notes.append(
