@@ -15,7 +15,7 @@
 #   OUT_DIR/FetchSlide-v4__push-AGENT__SEED.
 # The comparison (seeds 2-4; seed 1 chose the defaults, so it is not reported there):
 #   bash benchmarks/push.sh runs/push_cmp 150000 "2 3 4" mlp d4p d8p d4 d8
-#   python compare_runs.py runs/push_cmp --env-id FetchPush-v4 --out docs/figures/push_cmp
+#   python compare_runs.py runs/push_cmp --env-id FetchPush-v4 --baseline push-mlp --out docs/figures/push_cmp
 # The update-regime ablation (seed 1):
 #   bash benchmarks/push.sh runs/push_ablation 150000 1 mlp mlp:no_obs_norm mlp:gamma98_tau005 mlp:old_defaults
 set -euo pipefail
