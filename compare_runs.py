@@ -469,16 +469,16 @@ def compare(args: Args) -> Comparison:
             result.heldout = np.array(heldout)
             result.heldout_iqm, result.heldout_ci = interval_estimate(result.heldout, iqm_func, args.reps, args.seed)
         results.append(result)
+    base = next((r for r in results if r.label == args.baseline), None)
     threshold = args.threshold
-    if threshold is None and args.baseline is not None:
-        threshold = next(r.mean for r in results if r.label == args.baseline)
+    if threshold is None and base is not None:
+        threshold = base.mean
     if threshold is not None:
         for result in results:
             steps, reached = steps_to_threshold(result.curves, threshold)
             result.threshold_steps, result.threshold_reached = steps, reached
             result.threshold_mean, result.threshold_ci = interval_estimate(steps, mean_func, args.reps, args.seed)
-    if args.baseline is not None:
-        base = next(r for r in results if r.label == args.baseline)
+    if base is not None:
         for result in results:
             if result is not base:
                 result.ratio, result.ratio_ci = ratio_estimate(
@@ -504,6 +504,11 @@ def fmt_steps(x: float) -> str:
     return f"{round(x):d}"
 
 
+def escape_cell(text: str) -> str:
+    """`text` as a Markdown table cell (a `|` would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def format_ratio(g: GroupResult, base: GroupResult) -> str:
     """The ratio cell: `baseline` for the baseline; a bound (≥, ≤) when censored seeds make the point a bound."""
     if g is base:
@@ -525,13 +530,14 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
         header.append("held-out IQM [95% CI]")
     if comp.threshold is not None:
         header.append(f"steps to ≥ {fmt(comp.threshold)} [95% CI]")
-    if comp.baseline is not None:
-        header.append(f"steps ratio to {comp.baseline.replace('|', chr(92) + '|')} [95% CI]")
+    base = next((g for g in comp.groups if g.label == comp.baseline), None)
+    if base is not None:
+        header.append(f"steps ratio to {escape_cell(base.label)} [95% CI]")
     header.append("steps/s")
     rows = []
     for g in comp.groups:
         std = "n/a" if g.std is None else fmt(g.std)
-        row = [g.label.replace("|", "\\|"), str(g.n), str(int(g.grid[-1])), f"{fmt(g.iqm)} {fmt_ci(g.iqm_ci)}"]
+        row = [escape_cell(g.label), str(g.n), str(int(g.grid[-1])), f"{fmt(g.iqm)} {fmt_ci(g.iqm_ci)}"]
         row.append(f"{fmt(g.mean)} ± {std}")
         if heldout:
             row.append("n/a" if g.heldout is None else f"{fmt(g.heldout_iqm)} {fmt_ci(g.heldout_ci)}")
@@ -542,8 +548,8 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
                 bound = "" if g.threshold_reached.all() else "≥ "
                 cell = f"{bound}{fmt_steps(g.threshold_mean)} {fmt_ci(g.threshold_ci, fmt_steps)}"
             row.append(f"{cell} ({int(g.threshold_reached.sum())}/{g.n} reached)")
-        if comp.baseline is not None:
-            row.append(format_ratio(g, next(b for b in comp.groups if b.label == comp.baseline)))
+        if base is not None:
+            row.append(format_ratio(g, base))
         row.append("n/a" if g.sps is None else f"{g.sps:.0f}")
         rows.append(row)
     lines = [f"## {comp.metric} on {comp.env_id}", ""]
