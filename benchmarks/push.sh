@@ -18,6 +18,8 @@
 #   python compare_runs.py runs/push_cmp --env-id FetchPush-v4 --baseline push-mlp --out docs/figures/push_cmp
 # The update-regime ablation (seed 1):
 #   bash benchmarks/push.sh runs/push_ablation 150000 1 mlp mlp:no_obs_norm mlp:gamma98_tau005 mlp:old_defaults
+# The fixed-temperature ablation (alpha held at the fast seeds' 5e-3; seeds that were slow with the learned one):
+#   bash benchmarks/push.sh runs/push_alpha 100000 2 d4:alpha5e3 d4p:alpha5e3@4
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="$1" steps="$2" seeds="$3" env_id="${ENV_ID:-FetchPush-v4}"
@@ -36,6 +38,7 @@ declare -A CONFIG=(
   [ratio025]="--update-ratio 0.25"
   [ratio025_gamma98_tau005]="--update-ratio 0.25 --gamma 0.98 --tau 0.005"
   [ratio025_entropy0]="--update-ratio 0.25 --target-entropy 0"
+  [alpha5e3]="--no-autotune --alpha 0.005"
 )
 export OMP_NUM_THREADS=1
 mkdir -p "$out"
