@@ -71,6 +71,8 @@ def main() -> None:
         reach = f"{r['steps']:,.0f}" if r["reached"] else f"not reached (ran to {r['last']:,})"
         cells = " | ".join(f"{a:.1e}" for a in r["alpha"])
         print(f"| {r['run']} | {cells} | {r['qf']:.2f} | {reach} |")
+    if len(rows) < 3:
+        return  # no rank correlation of fewer than 3 runs
     alpha = np.array([r["alpha"][key] for r in rows])
     # a run that never reached it is slower than every run that did: rank it after them, at its own last step
     steps = np.array([r["steps"] if r["reached"] else 1e12 + r["steps"] for r in rows])
