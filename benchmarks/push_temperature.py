@@ -15,6 +15,7 @@ import os
 import sys
 
 import numpy as np
+from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import compare_runs as cr  # noqa: E402
@@ -27,16 +28,6 @@ def value_at(scalar: tuple[np.ndarray, np.ndarray], step: int) -> float:
         return float("nan")
     before = np.flatnonzero(steps <= step)
     return float(values[before[-1]]) if before.size else float("nan")
-
-
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1, ties given their mean rank."""
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    for v in np.unique(x):
-        r[x == v] = r[x == v].mean()
-    return r
 
 
 def main() -> None:
@@ -76,7 +67,7 @@ def main() -> None:
     alpha = np.array([r["alpha"][key] for r in rows])
     # a run that never reached it is slower than every run that did: rank it after them, at its own last step
     steps = np.array([r["steps"] if r["reached"] else 1e12 + r["steps"] for r in rows])
-    rho = np.corrcoef(ranks(alpha), ranks(steps))[0, 1]
+    rho = spearmanr(alpha, steps).statistic
     print(f"\nSpearman rank correlation, temperature at {args.steps[key] // 1000}k vs steps: {rho:.2f} "
           f"({len(rows)} runs)")  # fmt: skip
 
