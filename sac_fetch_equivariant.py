@@ -111,8 +111,8 @@ class Args:
     her_k: int = 4
     """HER relabelled goals per real transition ('future' strategy); 0 disables HER"""
     obs_norm: bool = True
-    """if toggled, network inputs are normalised by running statistics of the collected observations and goals, in
-    a form that keeps the D_N symmetry (`ObservationNormalizer`); frozen during evaluation"""
+    """if toggled, network inputs are normalised by running statistics of every observation and goal the networks
+    are given, in a form that keeps the D_N symmetry (`ObservationNormalizer`); frozen during evaluation"""
     eval_frequency: int = 10_000
     """environment steps between evaluations (a final evaluation always runs at the end)"""
     eval_episodes: int = 10
@@ -666,6 +666,96 @@ class Actor(torch.nn.Module):
         return out[:, :4], out[:, [4, 4, 5, 6]]
 
 
+class ObservationNormalizer(torch.nn.Module):
+    """Running normalisation of the network inputs (observation fields, then the goal) that commutes with D_N for
+    every N. Per field kind (see `to_base_frame`):
+
+        scalar        (x - mean) / std
+        pseudoscalar  x / sqrt(E[x^2])                     no shift: the mirror negates it
+        vector        v / sqrt(E[|v|^2] / 2), one scale    no shift: a planar vector has no invariant part for N >= 2
+
+    with every scale at least `eps`, then clipped to `clip`: scalars and pseudoscalars elementwise, vectors by their
+    norm (an elementwise clip would break the rotations). After Plappert et al. 2018 (HER baselines: running
+    mean/std, eps 0.01, clip 5), restricted to the D_N-equivariant form.
+
+    Statistics are float64 weighted sums per input coordinate (each coordinate counts its own rows: observations and
+    goals are gathered from different places, see `train`), kept as buffers (saved in checkpoints and model.pt);
+    nothing updates them during evaluation.
+
+    Input and output: (batch, fields_dim(fields)) float32. With `enabled=False`, or before any `update`, the identity
+    (up to the clip).
+
+    Raises:
+        ValueError: on an unknown `form`, or in `update` if the rows do not fit the columns from `start`.
+    """
+
+    FORMS = ("symmetric",)
+
+    def __init__(self, fields, enabled: bool = True, form: str = "symmetric", clip: float = 5.0, eps: float = 0.01):
+        super().__init__()
+        if form not in self.FORMS:
+            raise ValueError(f"normaliser form must be one of {self.FORMS}, got {form!r}")
+        self.enabled, self.form, self.clip, self.eps = enabled, form, clip, eps
+        kinds = [kind for _, kind in fields for _ in range(KIND_SIZE[kind])]
+        index = lambda kind: torch.tensor([i for i, k in enumerate(kinds) if k == kind], dtype=torch.long)  # noqa: E731
+        self.register_buffer("scalar_idx", index("scalar"), persistent=False)
+        self.register_buffer("pseudo_idx", index("pseudoscalar"), persistent=False)
+        self.register_buffer("vector_idx", index("vector").view(-1, 2), persistent=False)  # (x, y) channel pairs
+        dim = len(kinds)
+        self.register_buffer("count", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("sum_sq", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("shift", torch.zeros(dim), persistent=False)
+        self.register_buffer("scale", torch.ones(dim), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh())
+
+    @torch.no_grad()
+    def update(self, rows, weights=None, start: int = 0) -> None:
+        """Add (n, k) collected inputs of columns start .. start + k - 1 to the statistics, each row with its weight
+        (`weights` (n,), default 1: a weight is a row's expected count)."""
+        if not self.enabled:
+            return
+        x = torch.as_tensor(rows, dtype=torch.float64, device=self.sum.device)
+        if x.ndim != 2 or start < 0 or start + x.shape[1] > self.sum.shape[0]:
+            raise ValueError(f"rows {tuple(x.shape)} from column {start} do not fit {self.sum.shape[0]} columns")
+        w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64, device=x.device)  # fmt: skip
+        cols = slice(start, start + x.shape[1])
+        self.count[cols] += w.sum()
+        self.sum[cols] += w @ x
+        self.sum_sq[cols] += w @ x.square()
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute `shift` and `scale` from the sums (also after `load_state_dict`); columns with no rows yet keep
+        shift 0 and scale 1."""
+        seen = self.count > 0
+        count = self.count.clamp_min(1.0)
+        mean, second = self.sum / count, self.sum_sq / count
+        shift, scale = mean.clone(), (second - mean.square()).clamp_min(0.0).sqrt()
+        p, v = self.pseudo_idx, self.vector_idx
+        shift[p], scale[p] = 0.0, second[p].sqrt()
+        shift[v], scale[v] = 0.0, (second[v].sum(1, keepdim=True) / 2).sqrt()  # (pairs, 1) -> both channels
+        shift, scale = torch.where(seen, shift, 0.0), torch.where(seen, scale.clamp_min(self.eps), 1.0)
+        self.shift.copy_(shift), self.scale.copy_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        y = (x - self.shift) / self.scale
+        out = y.clamp(-self.clip, self.clip)
+        v = y[:, self.vector_idx]  # (batch, pairs, 2)
+        norm = torch.linalg.vector_norm(v, dim=2, keepdim=True)
+        out[:, self.vector_idx] = v * (self.clip / norm.clamp_min(self.clip))  # radial clip: |v| <= clip
+        return out
+
+
+def observation_normalizer(fields, args: Args) -> ObservationNormalizer:
+    """The normaliser this network gets: the D_N-symmetric form (off with `--no-obs-norm`)."""
+    return ObservationNormalizer(fields, enabled=args.obs_norm)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Policy distribution: Gaussian squashed radially into the unit disk (xy) and by tanh (z, gripper)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -764,8 +854,10 @@ class HerReplayBuffer:
         self.t = np.zeros(num_envs, np.int64)  # step index inside each env's current episode
         self.num_episodes, self.next_slot = 0, 0
 
-    def add(self, obs, next_obs, actions, terminations, truncations):
-        """Store one vector step. obs/next_obs: dicts of (num_envs, dim); actions (num_envs, 4); flags (num_envs,)."""
+    def add(self, obs, next_obs, actions, terminations, truncations) -> list[int]:
+        """Store one vector step. obs/next_obs: dicts of (num_envs, dim); actions (num_envs, 4); flags (num_envs,).
+        Returns the storage slots of the episodes this step completed."""
+        slots = []
         for i in range(len(actions)):
             t = self.t[i]
             for key, src in (("obs", obs["observation"]), ("ag", obs["achieved_goal"]), ("g", obs["desired_goal"]),
@@ -778,7 +870,9 @@ class HerReplayBuffer:
                                        f"{t + 1} with terminated={bool(terminations[i])}")  # fmt: skip
                 self.staging["obs"][i, self.T] = next_obs["observation"][i]
                 self.staging["ag"][i, self.T] = next_obs["achieved_goal"][i]
+                slots.append(self.next_slot)
                 self._commit(i)
+        return slots
 
     def _commit(self, i: int) -> None:
         for key, episodes in self.storage.items():
@@ -794,6 +888,16 @@ class HerReplayBuffer:
         future_t = t + 1 + (self.rng.uniform(size=batch_size) * (self.T - t)).astype(np.int64)
         relabel = self.rng.uniform(size=batch_size) < self.her_k / (self.her_k + 1)
         return ep, t, np.where(relabel, future_t, -1)
+
+    def goal_distribution(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """The goals a sampled transition of the episode in `slot` can carry, with their expected counts per T sampled
+        transitions (the weights sum to T): its desired goals g[t], t < T, each 1 / (her_k + 1), and its achieved
+        goals ag[t'], t' = 1 .. T, each her_k / (her_k + 1) * sum_{t < t'} 1 / (T - t) ('future': t uniform in
+        [0, T), t' uniform in [t + 1, T]). Returns goals (2T, goal_dim) and weights (2T,), for the normaliser."""
+        T, p_relabel = self.T, self.her_k / (self.her_k + 1)
+        future = np.cumsum(1.0 / (T - np.arange(T)))  # entry t' - 1: sum over t < t' of 1 / (T - t)
+        goals = np.concatenate([self.storage["g"][slot], self.storage["ag"][slot, 1:]])
+        return goals, np.concatenate([np.full(T, 1.0 - p_relabel), p_relabel * future])
 
     def sample(self, batch_size: int) -> ReplayBatch:
         ep, t, goal_t = self.sample_indices(batch_size)
@@ -826,75 +930,6 @@ class HerReplayBuffer:
             self.storage[key][: episodes.shape[0]] = episodes.numpy()
         self.num_episodes, self.next_slot = state["num_episodes"], state["next_slot"]
         self.rng.bit_generator.state = state["rng"]
-
-
-class ObservationNormalizer(torch.nn.Module):
-    """Running normalisation of the network inputs (observation fields, then the goal) that commutes with D_N for
-    every N, applied identically in both twins. Per field kind (see `to_base_frame`):
-
-        scalar        (x - mean) / std
-        pseudoscalar  x / sqrt(E[x^2])                     no shift: the mirror negates it
-        vector        v / sqrt(E[|v|^2] / 2), one scale    no shift: a planar vector has no invariant part for N >= 2
-
-    with every scale at least `eps`, then clipped to `clip`: scalars and pseudoscalars elementwise, vectors by their
-    norm (an elementwise clip would break the rotations). Statistics are float64 sums over the rows given to
-    `update`, kept as buffers (saved in checkpoints and model.pt); nothing updates them during evaluation. After
-    Plappert et al. 2018 (HER baselines: running mean/std, eps 0.01, clip 5), restricted to the D_N-equivariant form.
-
-    Input and output: (batch, fields_dim(fields)) float32. With `enabled=False`, or before any `update`, the identity
-    (up to the clip).
-    """
-
-    def __init__(self, fields, enabled: bool = True, clip: float = 5.0, eps: float = 0.01):
-        super().__init__()
-        self.enabled, self.clip, self.eps = enabled, clip, eps
-        kinds = [kind for _, kind in fields for _ in range(KIND_SIZE[kind])]
-        index = lambda kind: torch.tensor([i for i, k in enumerate(kinds) if k == kind], dtype=torch.long)  # noqa: E731
-        self.register_buffer("scalar_idx", index("scalar"), persistent=False)
-        self.register_buffer("pseudo_idx", index("pseudoscalar"), persistent=False)
-        self.register_buffer("vector_idx", index("vector").view(-1, 2), persistent=False)  # (x, y) channel pairs
-        dim = len(kinds)
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("sum_sq", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("shift", torch.zeros(dim), persistent=False)
-        self.register_buffer("scale", torch.ones(dim), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _: module.refresh())
-
-    @torch.no_grad()
-    def update(self, rows: np.ndarray) -> None:
-        """Add (n, dim) collected network inputs to the statistics."""
-        if not self.enabled:
-            return
-        x = torch.as_tensor(rows, dtype=torch.float64, device=self.sum.device)
-        self.count += x.shape[0]
-        self.sum += x.sum(0)
-        self.sum_sq += x.square().sum(0)
-        self.refresh()
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Recompute `shift` and `scale` from the sums (also after `load_state_dict`)."""
-        if self.count == 0:
-            self.shift.zero_(), self.scale.fill_(1.0)
-            return
-        mean, second = self.sum / self.count, self.sum_sq / self.count
-        shift, scale = torch.zeros_like(mean), torch.ones_like(mean)
-        s, p, v = self.scalar_idx, self.pseudo_idx, self.vector_idx
-        shift[s], scale[s] = mean[s], (second[s] - mean[s].square()).clamp_min(0.0).sqrt()
-        scale[p] = second[p].sqrt()
-        scale[v] = (second[v].sum(1, keepdim=True) / 2).sqrt()  # (pairs, 1) -> both channels of each pair
-        self.shift.copy_(shift), self.scale.copy_(scale.clamp_min(self.eps))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        y = (x - self.shift) / self.scale
-        out = y.clamp(-self.clip, self.clip)
-        v = y[:, self.vector_idx]  # (batch, pairs, 2)
-        norm = torch.linalg.vector_norm(v, dim=2, keepdim=True)
-        out[:, self.vector_idx] = v * (self.clip / norm.clamp_min(self.clip))  # radial clip: |v| <= clip
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1220,7 +1255,7 @@ def evaluate_checkpoint(path: str, eval_episodes: int = 10, seed: int = 0) -> di
     args = Args(**state["args"])
     eval_envs = make_vector_env(args.env_id, eval_episodes, "sync")
     fields = eval_envs.get_attr("fields")[0]
-    actor, obs_norm = Actor(fields, args), ObservationNormalizer(fields, enabled=args.obs_norm)
+    actor, obs_norm = Actor(fields, args), observation_normalizer(fields, args)
     actor.load_state_dict(state["actor"])
     obs_norm.load_state_dict(state["obs_norm"])
     result = evaluate(actor, obs_norm, eval_envs, seed, "cpu")
@@ -1346,7 +1381,7 @@ class TargetQNetworks(torch.nn.Module):
 def build_agent(obs_fields, args: Args, device):
     actor, qf = Actor(obs_fields, args).to(device), SoftQNetworks(obs_fields, args).to(device)
     nets = {"actor": actor, "qf": qf, "qf_target": TargetQNetworks(qf),
-            "obs_norm": ObservationNormalizer(obs_fields, enabled=args.obs_norm).to(device)}  # fmt: skip
+            "obs_norm": observation_normalizer(obs_fields, args).to(device)}  # fmt: skip
     # fused Adam: about 1 ms less per update on CPU than the for-loop default; importing it costs about 1.5 s once
     opts = {"q": optim.Adam(qf.parameters(), lr=args.q_lr, fused=True),
             "actor": optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)}  # fmt: skip
@@ -1439,6 +1474,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
     start_time, start_step = time.time(), loop.global_step
     # a new run seeds the envs; a resumed one continues their restored np_random, like every reset below
     obs, _ = envs.reset(seed=None if loop.global_step else args.seed)
+    nets["obs_norm"].update(obs["observation"])
     logs = {}  # the latest value of every loss (actor losses come every policy_frequency updates)
     log = lambda: log_losses(logs, writer, loop, progress, (loop.global_step - start_step) / (time.time() - start_time))
     while loop.global_step < args.total_timesteps:
@@ -1449,8 +1485,11 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
                 actions = get_action(nets["actor"], nets["obs_norm"](obs_tensor(obs, device)))[0].cpu().numpy()
 
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
-        rb.add(obs, next_obs, actions, terminations, truncations)
-        nets["obs_norm"].update(np.concatenate([next_obs["observation"], next_obs["desired_goal"]], 1))
+        # the normaliser sees every input the networks are given: each observation (resets included, below) and,
+        # per finished episode, its goals as HER samples them (desired and relabelled, by expected count)
+        nets["obs_norm"].update(next_obs["observation"])
+        for slot in rb.add(obs, next_obs, actions, terminations, truncations):
+            nets["obs_norm"].update(*rb.goal_distribution(slot), start=next_obs["observation"].shape[1])
         loop.global_step += args.num_envs
         obs = next_obs
         episode_end = terminations | truncations  # Fetch: all envs at once, every max_episode_steps steps
@@ -1466,6 +1505,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
         if episode_end.all():  # crucial: checkpoints only here, so that a resumed run continues exactly
             maybe_checkpoint(args, agent, rb, envs, loop, action_rng, run_path, stop)
             obs, _ = envs.reset()
+            nets["obs_norm"].update(obs["observation"])
     return {**loop.last_eval, **heldout_evaluation(args, nets, eval_envs, writer, loop.global_step, device)}
 
 

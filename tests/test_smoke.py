@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, TASKS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -69,6 +70,11 @@ def test_training_runs_past_learning_starts_and_logs(script, task, tmp_path):
     assert [p.step for p in qf1] == [250]  # update_ratio 1: 150 updates, the 100th at step 250
     episodes = EventAccumulator(run_path).Reload().Scalars("charts/episodic_length")
     assert [e.value for e in episodes] == [50.0] * (TOTAL // 50)
+    # the normaliser saw every input the networks are given (model.pt: at the evaluation of step 300): each step's
+    # observation plus 6 reset observations (the one after the last episode comes later), and 6 episodes' goals at
+    # 50 expected HER samples each
+    count = torch.load(os.path.join(run_path, "model.pt"), weights_only=False)["obs_norm"]["count"]
+    assert count[:-3].eq(TOTAL + TOTAL // 50).all() and (count[-3:] - TOTAL).abs().max() < 1e-9
 
 
 @pytest.mark.parametrize("script", ["eq", "mlp"])
