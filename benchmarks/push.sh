@@ -7,7 +7,8 @@
 #   256x256), d4 (sac_fetch_equivariant.py --reg-rep-n 32: D_4 at the MLP's width, 2 x 256 channels), d8
 #   (--dihedral-n 8 --reg-rep-n 32, 2 x 512 channels), d4p (D_4 with --reg-rep-n 90: the MLP's parameter count, the
 #   script's default), d8p (D_8 with --reg-rep-n 64: the same parameter count, 2 x 1024 channels, the default for
-#   --dihedral-n 8). CONFIG: a row of CONFIG below, flags
+#   --dihedral-n 8); mlp512, mlp3x256 and mlp400 are the MLP selection's candidates (--hidden-sizes 512 512,
+#   256 256 256, and 400 400: the FLOPs per update of d8p, "matched compute"). CONFIG: a row of CONFIG below, flags
 #   on top of the scripts' defaults.
 #   Run folder OUT_DIR/FetchPush-v4__push-AGENT[-CONFIG]__SEED (exp_name push-AGENT[-CONFIG]); a stopped run resumes.
 #   ENV_ID (default FetchPush-v4) runs another Fetch task the same way (one OUT_DIR per task: the logs are named
@@ -18,16 +19,20 @@
 #   python compare_runs.py runs/push_cmp --env-id FetchPush-v4 --baseline push-mlp --out docs/figures/push_cmp
 # The update-regime ablation (seed 1):
 #   bash benchmarks/push.sh runs/push_ablation 150000 1 mlp mlp:no_obs_norm mlp:gamma98_tau005 mlp:old_defaults
+# The MLP selection (seed 1 only, FetchPush-v4, 100k env steps; docs/BENCHMARKS.md, "Selecting the MLP"):
+#   bash benchmarks/push.sh runs/push_select 100000 1 mlp512 mlp400 mlp3x256 mlp
 # The fixed-temperature ablation (alpha held at the fast seeds' 5e-3; seeds that were slow with the learned one):
 #   bash benchmarks/push.sh runs/push_alpha 100000 2 d4:alpha5e3 d4p:alpha5e3@4
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="$1" steps="$2" seeds="$3" env_id="${ENV_ID:-FetchPush-v4}"
 shift 3
-declare -A SCRIPT=([mlp]=sac_fetch_mlp.py [d4]=sac_fetch_equivariant.py [d8]=sac_fetch_equivariant.py
+declare -A SCRIPT=([mlp]=sac_fetch_mlp.py [mlp512]=sac_fetch_mlp.py [mlp3x256]=sac_fetch_mlp.py
+                  [mlp400]=sac_fetch_mlp.py [d4]=sac_fetch_equivariant.py [d8]=sac_fetch_equivariant.py
                   [d4p]=sac_fetch_equivariant.py [d8p]=sac_fetch_equivariant.py)
-declare -A AGENT_FLAGS=([mlp]="" [d4]="--reg-rep-n 32" [d8]="--dihedral-n 8 --reg-rep-n 32" [d4p]="--reg-rep-n 90"
-                      [d8p]="--dihedral-n 8 --reg-rep-n 64")
+declare -A AGENT_FLAGS=([mlp]="" [mlp512]="--hidden-sizes 512 512" [mlp3x256]="--hidden-sizes 256 256 256"
+                      [mlp400]="--hidden-sizes 400 400" [d4]="--reg-rep-n 32" [d8]="--dihedral-n 8 --reg-rep-n 32"
+                      [d4p]="--reg-rep-n 90" [d8p]="--dihedral-n 8 --reg-rep-n 64")
 declare -A CONFIG=(
   [no_obs_norm]="--no-obs-norm"
   [gamma98_tau005]="--gamma 0.98 --tau 0.005"
@@ -39,6 +44,7 @@ declare -A CONFIG=(
   [ratio025_gamma98_tau005]="--update-ratio 0.25 --gamma 0.98 --tau 0.005"
   [ratio025_entropy0]="--update-ratio 0.25 --target-entropy 0"
   [alpha5e3]="--no-autotune --alpha 0.005"
+  [symnorm]="--obs-norm-form symmetric"
 )
 export OMP_NUM_THREADS=1
 mkdir -p "$out"
