@@ -1,6 +1,7 @@
 # docs: docs/comparing.md
 """Compare groups of runs: learning curves with 95% bootstrap bands and a table of final IQMs with 95% stratified
-bootstrap confidence intervals (rliable), steps to a threshold and wall-clock speed.
+bootstrap confidence intervals (rliable), steps to a threshold (read on a centred moving average of the evaluations
+by default, `--crossing`) and wall-clock speed.
 
     python compare_runs.py runs/ --metric eval/success_rate --group-by exp_name --threshold 0.9 --out docs/figures/x
 
@@ -40,10 +41,17 @@ class Args:
     env_id: str | None = None
     """keep only the runs of this env id (required when the folders hold runs of several env ids)"""
     threshold: float | None = None
-    """also report the env steps each group needs to reach metric >= threshold"""
+    """also report the env steps each group needs to reach metric >= threshold (by the `--crossing` rule)"""
+    crossing: Literal["moving-average", "consecutive", "first"] = "moving-average"
+    """when a run reaches the threshold: the first evaluation where the centred `moving-average` of its curve over
+    `--crossing-window` evaluations (fewer at the run's two ends) is >= threshold; the first of `--crossing-window`
+    `consecutive` evaluations all >= threshold (none past the run's end); or the `first` single evaluation >= it"""
+    crossing_window: int = 3
+    """evaluations in the `--crossing` window (odd for `moving-average`; ignored by `first`)"""
     baseline: str | None = None
     """label of a group (as the table shows it): every other group's mean steps to the threshold divided by this
-    group's, with a 95% bootstrap CI; without `--threshold` the threshold is this group's final mean"""
+    group's, with a 95% bootstrap CI; without `--threshold` the threshold is this group's final score on the
+    `--crossing` rule's curve (`first`: its final mean)"""
     out: str | None = None
     """write `<out>.png`, `<out>.svg` and `<out>.md`; None: print the table only"""
     align: Literal["interpolate", "common"] = "interpolate"
@@ -313,13 +321,49 @@ def bootstrap_band(values: np.ndarray, reps: int, seed: int) -> tuple[np.ndarray
     return lo, hi
 
 
-def steps_to_threshold(curves: list[Curve], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def crossing_curve(values: np.ndarray, rule: str, window: int) -> np.ndarray:
+    """The curve a crossing rule reads, one value per evaluation of a run, shape (evals,) -> (evals,): `first` the
+    values themselves; `moving-average` the centred mean of values[i - window // 2 : i + window // 2 + 1], the
+    window cut to the evaluations that exist at the run's two ends (window 3: the last point is the mean of the last
+    2); `consecutive` the minimum of values[i : i + window], NaN where that window runs past the run's end (censored).
+    A run crosses a threshold at the first evaluation where this curve is >= the threshold."""
+    values = np.asarray(values, dtype=float)
+    if rule == "first":
+        return values.copy()
+    if rule == "moving-average":
+        half = window // 2
+        return np.array([values[max(i - half, 0) : i + half + 1].mean() for i in range(values.size)])
+    if rule == "consecutive":
+        out = np.full(values.size, np.nan)
+        if values.size >= window:
+            out[: values.size - window + 1] = np.lib.stride_tricks.sliding_window_view(values, window).min(axis=1)
+        return out
+    raise ValueError(f"crossing rule must be one of moving-average, consecutive, first, got {rule!r}")
+
+
+def crossing_final(curves: list[Curve], step: float, rule: str, window: int) -> float:
+    """Mean over runs of each run's crossing curve at `step` (the group's final aligned step), interpolated linearly
+    as the aligned values are and held at the curve's last defined point past it: for runs that end at `step`, the
+    mean of each run's last crossing-curve value (`moving-average`, window 3: of its last 2 evaluations;
+    `consecutive`: the lowest of its last `window` evaluations). NaN when a run has no defined point."""
+    scores = []
+    for curve in curves:
+        values = crossing_curve(curve.values, rule, window)
+        defined = np.isfinite(values)
+        if not defined.any():
+            return math.nan
+        scores.append(np.interp(step, curve.steps[defined], values[defined]))
+    return float(np.mean(scores))
+
+
+def steps_to_threshold(curves: list[Curve], threshold: float, rule: str, window: int) -> tuple[np.ndarray, np.ndarray]:
     """Per run, on its own recorded steps (not the group's aligned grid, so a run longer than the others is not cut
-    at their end): the first step at which its value is >= threshold, and whether it got there at all; a run that
-    never does is counted at its own last step (censored: a mean over such runs is a lower bound). Shapes (runs,)."""
+    at their end): the first step at which its crossing curve (crossing_curve) is >= threshold, and whether it got
+    there at all; a run that never does is counted at its own last step (censored: a mean over such runs is a lower
+    bound). Shapes (runs,)."""
     steps, reached = np.empty(len(curves)), np.zeros(len(curves), dtype=bool)
     for i, curve in enumerate(curves):
-        hit = np.flatnonzero(curve.values >= threshold)
+        hit = np.flatnonzero(crossing_curve(curve.values, rule, window) >= threshold)
         reached[i] = hit.size > 0
         steps[i] = curve.steps[hit[0]] if reached[i] else curve.steps[-1]
     return steps, reached
@@ -385,12 +429,29 @@ class Comparison:
     metric: str
     group_by: list[str]
     threshold: float | None
+    crossing: str  # the crossing rule of the steps to the threshold (Args.crossing)
+    crossing_window: int
     align: str
     reps: int
     groups: list[GroupResult]
     sources: dict[str, int]  # where the metric was read: source -> number of runs
     baseline: str | None = None
-    threshold_from_baseline: bool = False  # the threshold is the baseline's final mean (no --threshold given)
+    threshold_from_baseline: bool = False  # the threshold is the baseline's final score (no --threshold given)
+
+
+def baseline_threshold(base: GroupResult, rule: str, window: int) -> float:
+    """The threshold when only `--baseline` is given: the baseline's final score on the curve the crossing rule
+    reads. `first`: its final mean (the metric at the group's last aligned step, mean over seeds); otherwise the
+    mean over its seeds of each seed's crossing curve at that step (crossing_final)."""
+    if rule == "first":
+        return base.mean
+    threshold = crossing_final(base.curves, base.grid[-1], rule, window)
+    if math.isnan(threshold):
+        raise UsageError(
+            f"a seed of the baseline {base.label} has fewer than {window} evaluations, so no final score over "
+            f"{window} consecutive ones; give --threshold or a smaller --crossing-window"
+        )
+    return threshold
 
 
 def compare(args: Args) -> Comparison:
@@ -401,6 +462,10 @@ def compare(args: Args) -> Comparison:
         raise UsageError(f"--reps must be >= 1, got {args.reps}")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise UsageError(f"--threshold must be a finite number, got {args.threshold}")
+    if args.crossing_window < 1:
+        raise UsageError(f"--crossing-window must be >= 1, got {args.crossing_window}")
+    if args.crossing == "moving-average" and args.crossing_window % 2 == 0:
+        raise UsageError(f"--crossing-window must be odd with --crossing moving-average, got {args.crossing_window}")
     runs = find_runs(args.run_dirs)
     if not runs:
         raise UsageError(f"no run folders (folders holding config.json) found under {', '.join(args.run_dirs)}")
@@ -472,10 +537,10 @@ def compare(args: Args) -> Comparison:
     base = next((r for r in results if r.label == args.baseline), None)
     threshold = args.threshold
     if threshold is None and base is not None:
-        threshold = base.mean
+        threshold = baseline_threshold(base, args.crossing, args.crossing_window)
     if threshold is not None:
         for result in results:
-            steps, reached = steps_to_threshold(result.curves, threshold)
+            steps, reached = steps_to_threshold(result.curves, threshold, args.crossing, args.crossing_window)
             result.threshold_steps, result.threshold_reached = steps, reached
             result.threshold_mean, result.threshold_ci = interval_estimate(steps, mean_func, args.reps, args.seed)
     if base is not None:
@@ -487,7 +552,18 @@ def compare(args: Args) -> Comparison:
     keys = [normalise_key(k) for k in args.group_by]
     from_baseline = args.threshold is None and args.baseline is not None
     return Comparison(
-        env_id, args.metric, keys, threshold, args.align, args.reps, results, sources, args.baseline, from_baseline
+        env_id=env_id,
+        metric=args.metric,
+        group_by=keys,
+        threshold=threshold,
+        crossing=args.crossing,
+        crossing_window=args.crossing_window,
+        align=args.align,
+        reps=args.reps,
+        groups=results,
+        sources=sources,
+        baseline=args.baseline,
+        threshold_from_baseline=from_baseline,
     )
 
 
@@ -522,6 +598,37 @@ def format_ratio(g: GroupResult, base: GroupResult) -> str:
     return f"{bound}{g.ratio:.2f} {fmt_ci(g.ratio_ci, lambda x: f'{x:.2f}')}"
 
 
+def crossing_name(comp: Comparison) -> str:
+    """The crossing rule as the steps column's header names it: `first`, `moving-average, window 3`, ..."""
+    return comp.crossing if comp.crossing == "first" else f"{comp.crossing}, window {comp.crossing_window}"
+
+
+def crossing_note(comp: Comparison) -> str:
+    """The table's note on the steps to the threshold: the crossing rule, censoring, where the threshold comes from."""
+    t, w, base = fmt(comp.threshold), comp.crossing_window, comp.baseline
+    rule = {
+        "first": f"the first of its own evaluation steps with metric ≥ {t}",
+        "moving-average": f"the first of its own evaluation steps where the centred moving average of the metric over "
+        f"{w} evaluations (fewer at the seed's two ends: its last point averages its last {w // 2 + 1}) is ≥ {t}",
+        "consecutive": f"the first of {w} consecutive evaluations all with metric ≥ {t} (fewer than {w} left before "
+        "the seed's end do not count)",
+    }[comp.crossing]
+    source = {
+        "first": f" The threshold is the final mean of the baseline `{base}`.",
+        "moving-average": f" The threshold is the final score of the baseline `{base}` on the same moving average "
+        "(not its `final mean` column): the mean over its seeds of each seed's moving average at the group's final "
+        "step.",
+        "consecutive": f" The threshold is the final score of the baseline `{base}` on the same rule: the mean over "
+        f"its seeds of the lowest of each seed's last {w} evaluations up to the group's final step.",
+    }[comp.crossing]
+    return (
+        f"steps to ≥ {t} ({crossing_name(comp)}): per seed {rule} (a run longer than the rest of its group is read to "
+        "its end), mean over seeds with a 95% bootstrap CI; a seed that never reaches it counts as its last step "
+        "(censored, so the mean is then a lower bound, marked `≥`); `not reached`: no seed reaches it."
+        + (source if comp.threshold_from_baseline else "")
+    )
+
+
 def format_table(comp: Comparison, command: str | None = None) -> str:
     """The markdown table with its explanatory notes."""
     header = ["group", "seeds", "final step", "final IQM [95% CI]", "final mean ± std"]
@@ -529,7 +636,7 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
     if heldout:
         header.append("held-out IQM [95% CI]")
     if comp.threshold is not None:
-        header.append(f"steps to ≥ {fmt(comp.threshold)} [95% CI]")
+        header.append(f"steps to ≥ {fmt(comp.threshold)} ({crossing_name(comp)}) [95% CI]")
     base = next((g for g in comp.groups if g.label == comp.baseline), None)
     if base is not None:
         header.append(f"steps ratio to {escape_cell(base.label)} [95% CI]")
@@ -577,17 +684,7 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
             "over seeds with its CI; the number to report when hyperparameters were selected on the periodic ones."
         )
     if comp.threshold is not None:
-        source = (
-            f" The threshold is the final mean of the baseline `{comp.baseline}`."
-            if comp.threshold_from_baseline
-            else ""
-        )
-        notes.append(
-            f"steps to ≥ {fmt(comp.threshold)}: per seed the first of its own evaluation steps with metric ≥ "
-            f"{fmt(comp.threshold)} (a run longer than the rest of its group is read to its end), mean over seeds with "
-            "a 95% bootstrap CI; a seed that never reaches it counts as its last step (censored, so the mean is then "
-            "a lower bound, marked `≥`); `not reached`: no seed reaches it." + source
-        )
+        notes.append(crossing_note(comp))
     if comp.baseline is not None:
         notes.append(
             f"steps ratio: the group's mean steps to ≥ {fmt(comp.threshold)} divided by the baseline's (<1: the "

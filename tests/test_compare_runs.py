@@ -1,5 +1,6 @@
-"""compare_runs.py on synthetic run folders with known curves: table numbers against hand-computed values, one figure
-line per group, TensorBoard purge_step handling, the errors and the single-seed warning."""
+"""compare_runs.py on synthetic run folders with known curves: table numbers against hand-computed values, the three
+crossing rules of the steps to a threshold, one figure line per group, TensorBoard purge_step handling, the errors and
+the single-seed warning."""
 
 import json
 import os
@@ -104,7 +105,7 @@ def test_threshold_steps(tmp_path, capsys):
     # group `b`: one seed reaches it at 1000, the mean curve never does
     make_run(tmp_path, "b", 1, STEPS, [0.0, 0.0, 0.0, 0.6])
     make_run(tmp_path, "b", 2, STEPS, [0.0, 0.0, 0.0, 0.2])
-    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.5, reps=2000))
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.5, crossing="first", reps=2000))
     a, b = comp.groups
     np.testing.assert_array_equal(a.threshold_steps, [500, 750, 1000])
     np.testing.assert_array_equal(a.threshold_reached, [True, True, False])
@@ -112,9 +113,9 @@ def test_threshold_steps(tmp_path, capsys):
     assert 500 <= a.threshold_ci[0] < 750 < a.threshold_ci[1] <= 1000
     np.testing.assert_array_equal(b.threshold_reached, [True, False])
 
-    rc, out, _ = run_main([str(tmp_path), "--threshold", "0.5"], capsys)
+    rc, out, _ = run_main([str(tmp_path), "--threshold", "0.5", "--crossing", "first"], capsys)
     assert rc == 0
-    assert "| steps to ≥ 0.5 [95% CI] |" in out
+    assert "| steps to ≥ 0.5 (first) [95% CI] |" in out
     rows = {cells[0]: cells[5] for cells in table_rows(out)}
     assert rows["a"].startswith("≥ 750 [") and rows["a"].endswith("(2/3 reached)")  # censored: a lower bound
     assert rows["b"] == "≥ 1000 [1000, 1000] (1/2 reached)"
@@ -126,7 +127,7 @@ def test_threshold_steps_read_each_run_to_its_own_end(tmp_path):
     make_run(tmp_path, "a", 1, [250, 500], [0.6, 0.9], finished=False)
     make_run(tmp_path, "a", 2, STEPS, [0.0, 0.1, 0.5, 0.8])
     make_run(tmp_path, "a", 3, STEPS, [0.0, 0.1, 0.2, 0.3])  # never: censored at its own last step, 1000
-    (g,) = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.5, reps=2000)).groups
+    (g,) = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.5, crossing="first", reps=2000)).groups
     assert g.grid[-1] == 500
     np.testing.assert_array_equal(g.threshold_steps, [250, 750, 1000])
     np.testing.assert_array_equal(g.threshold_reached, [True, True, False])
@@ -135,7 +136,7 @@ def test_threshold_steps_read_each_run_to_its_own_end(tmp_path):
 def test_equal_threshold_steps_give_a_degenerate_ci(tmp_path):
     for seed in range(4):
         make_run(tmp_path, "a", seed, STEPS, [0.0, 1.0, 1.0, 1.0 - seed / 10])
-    (g,) = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.9, reps=2000)).groups
+    (g,) = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.9, crossing="first", reps=2000)).groups
     assert g.threshold_mean == 500 and g.threshold_ci == (500, 500)
 
 
@@ -149,24 +150,25 @@ def test_steps_ratio_to_a_baseline(tmp_path, capsys):
     # `slow`: one seed never reaches 0.8 (counted at 1000): ratio >= (750 + 1000) / 2 / 1000
     make_run(tmp_path, "slow", 1, STEPS, [0.0, 0.0, 0.8, 0.8])
     make_run(tmp_path, "slow", 2, STEPS, [0.0, 0.0, 0.0, 0.1])
-    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", reps=2000))
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", crossing="first", reps=2000))
     assert comp.threshold == pytest.approx(0.8) and comp.threshold_from_baseline
     eq, mlp, slow = comp.groups
+    assert comp.threshold == mlp.mean  # `first`: the baseline's final mean, exactly
     np.testing.assert_array_equal(mlp.threshold_steps, [1000, 1000])
     assert mlp.ratio is None
     assert eq.ratio == pytest.approx(0.625) and eq.ratio_ci == (0.5, 0.75)
     assert slow.ratio == pytest.approx(0.875)
 
-    rc, out, _ = run_main([str(tmp_path), "--baseline", "mlp"], capsys)
+    rc, out, _ = run_main([str(tmp_path), "--baseline", "mlp", "--crossing", "first"], capsys)
     assert rc == 0
-    assert "| steps to ≥ 0.8 [95% CI] | steps ratio to mlp [95% CI] |" in out
+    assert "| steps to ≥ 0.8 (first) [95% CI] | steps ratio to mlp [95% CI] |" in out
     rows = {cells[0]: cells[6] for cells in table_rows(out)}
     assert rows == {"eq": "0.62 [0.50, 0.75]", "mlp": "baseline", "slow": rows["slow"]}
     assert rows["slow"].startswith("≥ 0.88 [")
     assert "The threshold is the final mean of the baseline `mlp`." in out
 
     # an explicit threshold wins over the baseline's final mean: 0.5 is reached at 750 by both mlp seeds
-    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", threshold=0.5, reps=2000))
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", threshold=0.5, crossing="first", reps=2000))
     assert comp.threshold == 0.5 and not comp.threshold_from_baseline
     assert comp.groups[0].ratio == pytest.approx(500 / 750)
 
@@ -356,3 +358,125 @@ def test_heldout_final_evaluation_gets_its_own_iqm_column_apart_from_the_periodi
     assert rc == 0 and "| held-out IQM [95% CI] |" in out
     rows = {row[0]: row for row in table_rows(out)}
     assert rows["tuned"][5].startswith("0.525 [") and rows["old"][5] == "n/a"
+
+
+NOISY_STEPS = [100, 200, 300, 400, 500, 600]
+NOISY = [0.1, 0.9, 0.1, 0.8, 0.85, 0.9]  # one lucky evaluation at 200 before the curve gets to 0.8 for good
+
+
+def test_crossing_rules_on_a_noisy_curve_give_hand_computed_steps(tmp_path, capsys):
+    # centred means of 3: .5 (ends: 2 points) .367 .6 .583 .85 .875 (2 points) -> first >= 0.8 at 500
+    np.testing.assert_allclose(
+        cr.crossing_curve(NOISY, "moving-average", 3), [0.5, 1.1 / 3, 0.6, 1.75 / 3, 0.85, 0.875]
+    )
+    # lowest of 3 consecutive: .1 .1 .1 .8, and no full window from 500 on -> first >= 0.8 at 400
+    np.testing.assert_allclose(cr.crossing_curve(NOISY, "consecutive", 3), [0.1, 0.1, 0.1, 0.8, np.nan, np.nan])
+    np.testing.assert_array_equal(cr.crossing_curve(NOISY, "first", 3), NOISY)
+    curve = cr.Curve(np.array(NOISY_STEPS), np.array(NOISY), "evals.jsonl")
+    for rule, step in [("first", 200), ("moving-average", 500), ("consecutive", 400)]:
+        steps, reached = cr.steps_to_threshold([curve], 0.8, rule, 3)
+        assert (steps.tolist(), reached.tolist()) == ([step], [True]), rule
+
+    for seed, heldout in [(1, 0.6), (2, 0.7)]:
+        make_run(tmp_path, "noisy", seed, NOISY_STEPS, NOISY, heldout=heldout)
+    expected = [
+        ((), "moving-average, window 3", "500"),  # the default
+        (("--crossing", "consecutive"), "consecutive, window 3", "400"),
+        (("--crossing", "first"), "first", "200"),
+    ]
+    for flags, name, step in expected:
+        rc, out, _ = run_main([str(tmp_path), "--threshold", "0.8", *flags], capsys)
+        header = [cell.strip() for cell in out.splitlines()[4].strip("|").split("|")]
+        assert rc == 0 and header == [
+            "group", "seeds", "final step", "final IQM [95% CI]", "final mean ± std", "held-out IQM [95% CI]",
+            f"steps to ≥ 0.8 ({name}) [95% CI]", "steps/s",
+        ]  # fmt: skip
+        (cells,) = table_rows(out)
+        # the curve's last value, then the held-out final evaluation (final_eval.json), then the crossing
+        assert cells[3:7] == ["0.9 [0.9, 0.9]", "0.9 ± 0", "0.65 [0.6, 0.7]", f"{step} [{step}, {step}] (2/2 reached)"]
+
+
+def test_moving_average_window_shrinks_at_both_ends_of_a_run():
+    late = [0.0, 0.0, 0.0, 0.75, 0.95]  # reaches 0.8 only on its last point, the mean of its last 2 evaluations
+    np.testing.assert_allclose(cr.crossing_curve(late, "moving-average", 3), [0.0, 0.0, 0.25, 1.7 / 3, 0.85])
+    np.testing.assert_allclose(cr.crossing_curve(late, "moving-average", 5), [0.0, 0.1875, 0.34, 0.425, 1.7 / 3])
+    early = [0.95, 0.75, 0.0, 0.0, 0.0]  # its first point is the mean of its first 2 evaluations
+    np.testing.assert_allclose(cr.crossing_curve(early, "moving-average", 3), [0.85, 1.7 / 3, 0.25, 0.0, 0.0])
+    np.testing.assert_array_equal(cr.crossing_curve(late, "moving-average", 1), late)
+    curves = [cr.Curve(np.array(STEPS + [1250]), np.array(v), "evals.jsonl") for v in (late, early)]
+    steps, reached = cr.steps_to_threshold(curves, 0.8, "moving-average", 3)
+    assert (steps.tolist(), reached.tolist()) == ([1250, 250], [True, True])
+    steps, reached = cr.steps_to_threshold(curves, 0.8, "moving-average", 5)
+    assert (steps.tolist(), reached.tolist()) == ([1250, 1250], [False, False])  # censored at the last step
+
+
+def test_consecutive_window_past_the_end_of_a_run_is_censored(tmp_path, capsys):
+    # seed 1: 0.9 at its last 2 evaluations only, not 3 in a row: censored, counted at its last step 1250
+    make_run(tmp_path, "a", 1, STEPS + [1250], [0.0, 0.0, 0.0, 0.9, 0.9])
+    make_run(tmp_path, "a", 2, STEPS + [1250], [0.0, 0.9, 0.9, 0.9, 0.9])  # 3 in a row from 500
+    make_run(tmp_path, "b", 1, STEPS + [1250], [0.0, 0.0, 0.0, 0.0, 0.9])  # never
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], threshold=0.8, crossing="consecutive", reps=2000))
+    a, b = comp.groups
+    assert (a.threshold_steps.tolist(), a.threshold_reached.tolist()) == ([1250, 500], [False, True])
+    assert (b.threshold_steps.tolist(), b.threshold_reached.tolist()) == ([1250], [False])
+    rc, out, _ = run_main([str(tmp_path), "--threshold", "0.8", "--crossing", "consecutive"], capsys)
+    rows = {cells[0]: cells[5] for cells in table_rows(out)}
+    assert rc == 0 and rows == {"a": "≥ 875 [500, 1250] (1/2 reached)", "b": "not reached (0/1 reached)"}
+    # 2 in a row fit before the end: seed 1 crosses at 1000
+    comp = cr.compare(
+        cr.Args(run_dirs=[str(tmp_path)], threshold=0.8, crossing="consecutive", crossing_window=2, reps=2000)
+    )
+    assert comp.groups[0].threshold_steps.tolist() == [1000, 500]
+
+
+def test_baseline_threshold_is_its_final_score_on_the_crossing_rules_curve(tmp_path, capsys):
+    # baseline `mlp`: last centred means (last 2 evaluations) 0.8 and 0.5: threshold 0.65 (the `first` one is 0.8);
+    # its smoothed curves .1 .267 .6 .8 (crosses at 1000) and .1 .2 .4 .5 (never: censored at 1000)
+    make_run(tmp_path, "mlp", 1, STEPS, [0.0, 0.2, 0.6, 1.0])
+    make_run(tmp_path, "mlp", 2, STEPS, [0.0, 0.2, 0.4, 0.6])
+    # `eq`: smoothed .45 .6 .9 .9 and .25 .433 .733 .85: both at 750 (`first` would give 500 to the first seed)
+    make_run(tmp_path, "eq", 1, STEPS, [0.0, 0.9, 0.9, 0.9])
+    make_run(tmp_path, "eq", 2, STEPS, [0.0, 0.5, 0.8, 0.9])
+    # `slow`: smoothed 0 .2 .5 .75 (at 1000) and 0 0 .033 .05 (never): both groups censored, no ratio
+    make_run(tmp_path, "slow", 1, STEPS, [0.0, 0.0, 0.6, 0.9])
+    make_run(tmp_path, "slow", 2, STEPS, [0.0, 0.0, 0.0, 0.1])
+    comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", reps=2000))
+    eq, mlp, slow = comp.groups
+    assert comp.threshold == pytest.approx(0.65) and mlp.mean == pytest.approx(0.8)
+    assert (mlp.threshold_steps.tolist(), mlp.threshold_reached.tolist()) == ([1000, 1000], [True, False])
+    assert eq.threshold_steps.tolist() == [750, 750] and eq.ratio == pytest.approx(0.75)
+    rc, out, _ = run_main([str(tmp_path), "--baseline", "mlp"], capsys)
+    assert rc == 0 and "| steps to ≥ 0.65 (moving-average, window 3) [95% CI] | steps ratio to mlp [95% CI] |" in out
+    rows = {cells[0]: cells[5:7] for cells in table_rows(out)}
+    assert rows == {
+        "eq": ["750 [750, 750] (2/2 reached)", "≤ 0.75 [0.75, 0.75]"],  # the baseline censored: an upper bound
+        "mlp": ["≥ 1000 [1000, 1000] (1/2 reached)", "baseline"],
+        "slow": ["≥ 1000 [1000, 1000] (1/2 reached)", "n/a (both censored)"],
+    }
+    assert "The threshold is the final score of the baseline `mlp` on the same moving average" in out
+    # a seed longer than the group is read at the group's final step 1000: its centred mean (0 + .3 + .6) / 3 there
+    short = cr.Curve(np.array(STEPS), np.array([0.0, 0.2, 0.6, 1.0]), "evals.jsonl")
+    long = cr.Curve(np.array(STEPS + [1250]), np.array([0.0, 0.0, 0.0, 0.3, 0.6]), "evals.jsonl")
+    assert cr.crossing_final([short, long], 1000, "moving-average", 3) == pytest.approx((0.8 + 0.3) / 2)
+    assert cr.crossing_final([short, long], 1000, "consecutive", 2) == pytest.approx((0.6 + 0.3) / 2)
+    assert cr.crossing_final([short, long], 1000, "first", 3) == pytest.approx((1.0 + 0.3) / 2)
+
+    # consecutive, 2 in a row: the mean over seeds of the lowest of each one's last 2 evaluations, (0.6 + 0.4) / 2
+    comp = cr.compare(
+        cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", crossing="consecutive", crossing_window=2, reps=2000)
+    )
+    assert comp.threshold == pytest.approx(0.5)
+    with pytest.raises(cr.UsageError, match="^a seed of the baseline mlp has fewer than 5 evaluations, so no final"):
+        cr.compare(
+            cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", crossing="consecutive", crossing_window=5, reps=2000)
+        )
+
+
+def test_crossing_window_must_be_positive_and_odd_for_a_centred_mean(tmp_path, capsys):
+    make_run(tmp_path, "a", 1, STEPS, [0.0, 0.1, 0.2, 0.4])
+    rc, out, err = run_main([str(tmp_path), "--crossing-window", "0"], capsys)
+    assert (rc, out, err) == (2, "", "error: --crossing-window must be >= 1, got 0\n")
+    rc, out, err = run_main([str(tmp_path), "--crossing-window", "4"], capsys)
+    assert (rc, out, err) == (2, "", "error: --crossing-window must be odd with --crossing moving-average, got 4\n")
+    rc, _, _ = run_main([str(tmp_path), "--crossing", "consecutive", "--crossing-window", "4"], capsys)
+    assert rc == 0
