@@ -458,6 +458,13 @@ def learning_rate_at(args: Args, global_step: int) -> float:
     return args.learning_rate
 
 
+def budget_schedules(args: Args) -> list[str]:
+    """The schedules that run over `total_timesteps`, so that a resumed run may not change it: the cosine learning
+    rate. Epsilon falls over `exploration_steps` and the step schedule decays every `lr_step_size` steps, whatever
+    the budget, so runs with those may be extended."""
+    return ["the learning rate's cosine annealing (--lr-scheduler cosine)"] if args.lr_scheduler == "cosine" else []
+
+
 @torch.no_grad()
 def epsilon_greedy(q_network, obs: np.ndarray, epsilon: float, rng: np.random.Generator, device) -> np.ndarray:
     """(num_envs,) actions: uniform with probability epsilon, else argmax Q. Draws the same numbers whatever Q is."""
@@ -730,6 +737,12 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     if args.total_timesteps < state["global_step"]:
         raise ValueError(f"--total-timesteps must be >= the checkpoint's global_step {state['global_step']} to "
                          f"resume {run_path!r}, got {args.total_timesteps}")  # fmt: skip
+    budget, schedules = state["args"]["total_timesteps"], budget_schedules(args)
+    if schedules and args.total_timesteps != budget:
+        raise ValueError(f"cannot resume {run_path!r} with --total-timesteps {args.total_timesteps} (checkpoint: "
+                         f"{budget}): {' and '.join(schedules)} runs over --total-timesteps, so the rate would jump "
+                         f"where the run resumes; rerun with --total-timesteps {budget}, or start a new run with the "
+                         "new budget")  # fmt: skip
     return state
 
 

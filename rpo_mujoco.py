@@ -124,6 +124,12 @@ def num_iterations(args: Args) -> int:
     return args.total_timesteps // batch_size(args)
 
 
+def budget_schedules(args: Args) -> list[str]:
+    """The schedules that run over `total_timesteps`, so that a resumed run may not change it: the learning rate's
+    linear annealing over the updates. Runs with --no-anneal-lr may be extended."""
+    return ["the learning rate's linear annealing (--anneal-lr)"] if args.anneal_lr else []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Environment: gymnasium MuJoCo with a savable state; normalisation of observations and rewards
 # ---------------------------------------------------------------------------------------------------------------------
@@ -709,6 +715,12 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     if args.total_timesteps < state["global_step"]:
         raise ValueError(f"--total-timesteps must be >= the checkpoint's global_step {state['global_step']} to "
                          f"resume {run_path!r}, got {args.total_timesteps}")  # fmt: skip
+    budget, schedules = state["args"]["total_timesteps"], budget_schedules(args)
+    if schedules and args.total_timesteps != budget:
+        raise ValueError(f"cannot resume {run_path!r} with --total-timesteps {args.total_timesteps} (checkpoint: "
+                         f"{budget}): {' and '.join(schedules)} runs over --total-timesteps, so the rate would jump "
+                         f"where the run resumes; rerun with --total-timesteps {budget}, or start a new run with the "
+                         "new budget")  # fmt: skip
     return state
 
 

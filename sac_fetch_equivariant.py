@@ -1150,6 +1150,12 @@ def restore_checkpoint(state: dict, agent, rb, envs, action_rng: np.random.Gener
     return LoopState(**{key: state[key] for key in LoopState.__dataclass_fields__})
 
 
+def budget_schedules(args: Args) -> list[str]:
+    """The schedules that run over `total_timesteps`, so that a resumed run may not change it: none (the learning
+    rates, alpha's target entropy and the update ratio are constants), so a run may be extended."""
+    return []
+
+
 def resume_state(args: Args, run_path: str) -> dict | None:
     """None for a new run (no folder yet), else the checkpoint to resume from, checked against `args`.
 
@@ -1174,6 +1180,12 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     if args.total_timesteps < state["global_step"]:
         raise ValueError(f"--total-timesteps must be >= the checkpoint's global_step {state['global_step']} to "
                          f"resume {run_path!r}, got {args.total_timesteps}")  # fmt: skip
+    budget, schedules = state["args"]["total_timesteps"], budget_schedules(args)
+    if schedules and args.total_timesteps != budget:
+        raise ValueError(f"cannot resume {run_path!r} with --total-timesteps {args.total_timesteps} (checkpoint: "
+                         f"{budget}): {' and '.join(schedules)} runs over --total-timesteps, so the rate would jump "
+                         f"where the run resumes; rerun with --total-timesteps {budget}, or start a new run with the "
+                         "new budget")  # fmt: skip
     return state
 
 

@@ -1,12 +1,13 @@
-"""One process per run folder (docs/conventions.md).
+"""One process per run folder, and budgets that schedules run over (docs/conventions.md).
 
 Every training script locks its run folder (`flock` on `<run folder>/.lock`) before it reads or writes anything there:
 a second start on the folder exits 2 with one line naming the folder and the holder and touches nothing, and the
-kernel drops the lock when the holder dies, kill -9 included. The end-to-end runs use the cheapest script,
-dqn_snake_cnn.py, on a 6x6 board.
+kernel drops the lock when the holder dies, kill -9 included. A resume may not change `--total-timesteps` where a
+learning-rate schedule runs over it. The end-to-end runs use the cheapest script, dqn_snake_cnn.py, on a 6x6 board.
 """
 
 import ast
+import dataclasses
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, wait_until
 
 import dqn_snake_cnn as cnn
@@ -149,3 +151,60 @@ def test_after_kill_9_of_the_holder_the_next_start_gets_the_lock_and_resumes_the
     assert "resuming from global_step 200" in stderr
     assert json.loads((run_path / "final_eval.json").read_text())["global_step"] == 400
     assert holds_lock(run_path, second.pid)
+
+
+# ---- budgets that a schedule runs over ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("script", "changes", "schedule"),
+    [
+        ("dqn_snake_cnn", {"lr_scheduler": "cosine"}, "the learning rate's cosine annealing (--lr-scheduler cosine)"),
+        ("dqn_snake_equivariant", {"lr_scheduler": "cosine"},
+         "the learning rate's cosine annealing (--lr-scheduler cosine)"),
+        ("dqn_snake_cnn", {"lr_scheduler": "step"}, None),  # decays every --lr-step-size steps, whatever the budget
+        ("dqn_snake_cnn", {"lr_scheduler": "none"}, None),  # epsilon falls over --exploration-steps
+        ("ppo_atari", {}, "the learning rate's linear annealing (--anneal-lr)"),
+        ("ppo_atari", {"anneal_lr": False}, None),
+        ("rpo_mujoco", {}, "the learning rate's linear annealing (--anneal-lr)"),
+        ("rpo_mujoco", {"anneal_lr": False}, None),
+        ("sac_fetch_mlp", {}, None),  # no schedule: SAC runs may be extended
+        ("sac_fetch_equivariant", {}, None),
+    ],
+)  # fmt: skip
+def test_a_resume_may_change_the_budget_only_where_no_schedule_runs_over_it(script, changes, schedule, tmp_path):
+    m = __import__(script)
+    saved = dataclasses.replace(m.Args(), total_timesteps=100_000, run_name="r", **changes)
+    (tmp_path / "r").mkdir()
+    torch.save({"script": m.SCRIPT, "args": dataclasses.asdict(saved), "global_step": 100_000},
+               tmp_path / "r" / "checkpoint.pt")  # fmt: skip
+    extended = dataclasses.replace(saved, total_timesteps=200_000)
+    assert m.resume_state(saved, str(tmp_path / "r"))["global_step"] == 100_000
+    if schedule is None:
+        assert m.resume_state(extended, str(tmp_path / "r"))["global_step"] == 100_000
+        return
+    with pytest.raises(ValueError) as refused:
+        m.resume_state(extended, str(tmp_path / "r"))
+    assert str(refused.value) == (
+        f"cannot resume '{tmp_path / 'r'}' with --total-timesteps 200000 (checkpoint: 100000): "
+        f"{schedule} runs over --total-timesteps, so the rate would jump where the run resumes; "
+        "rerun with --total-timesteps 100000, or start a new run with the new budget"
+    )
+
+
+def test_extending_a_run_whose_learning_rate_anneals_over_its_budget_exits_2_and_changes_no_result(tmp_path):
+    cosine = ("--lr-scheduler", "cosine")
+    done = run(train_args(tmp_path / "runs", "cos", total=200, extra=cosine), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_path = tmp_path / "runs" / "cos"
+    before = files(run_path)
+    extended = start(train_args(tmp_path / "runs", "cos", total=400, extra=cosine), tmp_path)
+    stdout, stderr = extended.communicate(timeout=300)
+    assert extended.returncode == 2 and stdout == ""
+    assert stderr.splitlines() == [
+        f"error: cannot resume '{run_path}' with --total-timesteps 400 (checkpoint: 200): the learning rate's cosine "
+        "annealing (--lr-scheduler cosine) runs over --total-timesteps, so the rate would jump where the run resumes; "
+        "rerun with --total-timesteps 200, or start a new run with the new budget"
+    ]
+    after = files(run_path)
+    lock = str(run_path / ".lock")
+    assert {k: v for k, v in after.items() if k != lock} == {k: v for k, v in before.items() if k != lock}
+    assert holds_lock(run_path, extended.pid)  # the lock file names the last process that held it
