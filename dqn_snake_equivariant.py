@@ -11,6 +11,8 @@ Its twin `dqn_snake_cnn.py` differs only in the network section.
 """
 
 import copy
+import errno
+import fcntl
 import functools
 import importlib.util
 import json
@@ -18,6 +20,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -500,6 +503,13 @@ def learning_rate_at(args: Args, global_step: int) -> float:
     return args.learning_rate
 
 
+def budget_schedules(args: Args) -> list[str]:
+    """The schedules that run over `total_timesteps`, so that a resumed run may not change it: the cosine learning
+    rate. Epsilon falls over `exploration_steps` and the step schedule decays every `lr_step_size` steps, whatever
+    the budget, so runs with those may be extended."""
+    return ["the learning rate's cosine annealing (--lr-scheduler cosine)"] if args.lr_scheduler == "cosine" else []
+
+
 @torch.no_grad()
 def epsilon_greedy(q_network, obs: np.ndarray, epsilon: float, rng: np.random.Generator, device) -> np.ndarray:
     """(num_envs,) actions: uniform with probability epsilon, else argmax Q. Draws the same numbers whatever Q is."""
@@ -632,6 +642,8 @@ SCRIPT = os.path.basename(__file__)
 CHECKPOINT_FILE = "checkpoint.pt"
 RESUMABLE_CHANGES = ("total_timesteps", "run_dir", "cuda")  # the only arguments a resumed run may change
 EXIT_INTERRUPTED = 3  # stopped by SIGUSR1/SIGTERM after writing a checkpoint: the same command resumes the run
+LOCK_FILE = ".lock"  # in the run folder: flock-ed by the process that trains in it, naming its host and pid
+NO_FILE_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # flock where locks do not work
 
 
 def atomic_torch_save(state: dict, path: str) -> None:
@@ -770,6 +782,12 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     if args.total_timesteps < state["global_step"]:
         raise ValueError(f"--total-timesteps must be >= the checkpoint's global_step {state['global_step']} to "
                          f"resume {run_path!r}, got {args.total_timesteps}")  # fmt: skip
+    budget, schedules = state["args"]["total_timesteps"], budget_schedules(args)
+    if schedules and args.total_timesteps != budget:
+        raise ValueError(f"cannot resume {run_path!r} with --total-timesteps {args.total_timesteps} (checkpoint: "
+                         f"{budget}): {' and '.join(schedules)} runs over --total-timesteps, so the rate would jump "
+                         f"where the run resumes; rerun with --total-timesteps {budget}, or start a new run with the "
+                         "new budget")  # fmt: skip
     return state
 
 
@@ -792,6 +810,54 @@ def truncate_evals(run_path: str, eval_idx: int) -> None:
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+class RunFolderBusy(ValueError):
+    """Another process holds the run folder's lock: it trains in the folder now (exit 2, nothing touched)."""
+
+
+def lock_run_folder(run_path: str, new: bool = False):
+    """Lock the run folder for this process: `fcntl.flock(LOCK_EX | LOCK_NB)` on `<run_path>/.lock`, then this host
+    and pid written into that file, the only place that names them. `new`: make the folder first. Returns the open
+    lock file: keep it open while the run writes; the kernel drops the lock once no process holds that file open,
+    however the holder ends (kill -9 too). Returns None, touching nothing, for a folder holding neither a lock file
+    nor a checkpoint (no folder, or not a run's: resume_state says which). On a filesystem without working file locks
+    (ENOLCK, ENOSYS, EOPNOTSUPP, EINVAL: Lustre without `-o flock`, NFS without lockd) it warns and returns None.
+
+    Raises:
+        RunFolderBusy: another process holds the lock (one line naming the folder and the holder).
+        ValueError: with `new`, another process made the folder while this one started.
+    """
+    path = os.path.join(run_path, LOCK_FILE)
+    if new:
+        os.makedirs(run_path, exist_ok=True)
+    elif not (os.path.isfile(path) or os.path.isfile(os.path.join(run_path, CHECKPOINT_FILE))):
+        return None
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = " ".join(lock.read().split()) or "no holder written yet"
+        lock.close()
+        raise RunFolderBusy(f"run folder {run_path!r} is in use by another process ({holder}): wait for it to end "
+                            "or stop it, then rerun this command to resume the run") from None  # fmt: skip
+    except OSError as err:
+        lock.close()
+        if err.errno not in NO_FILE_LOCKS:
+            raise
+        print(f"warning: run folder {run_path!r} cannot be locked ({err.strerror}): nothing stops a second process "
+              "from writing into it (docs/cluster.md)", file=sys.stderr)  # fmt: skip
+        return None
+    if new and os.listdir(run_path) != [LOCK_FILE]:
+        lock.close()
+        raise ValueError(f"run folder {run_path!r} was made by another process while this one started; rerun this "
+                         "command to resume it, or choose another --run-name")  # fmt: skip
+    lock.truncate(0)
+    lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+    lock.flush()
+    os.fsync(lock.fileno())  # on NFS: visible to a process on another node that opens the file
+    return lock
 
 
 class StopRequest:
@@ -920,6 +986,7 @@ def main(args: Args) -> int:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     try:
+        lock = lock_run_folder(run_path)  # a run's folder: locked before its checkpoint is read (None: none yet)
         saved = resume_state(args, run_path)  # read and checked before anything is written
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -932,7 +999,11 @@ def main(args: Args) -> int:
     agent = build_agent(args, device)  # before the run folder: a failure here leaves nothing behind
     params = {"q_network_params": num_params(agent[0]["q_network"])}
     if saved is None:
-        os.makedirs(run_path)
+        try:
+            lock = lock_run_folder(run_path, new=True)  # made and locked before anything is written in it
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         with open(os.path.join(run_path, "config.json"), "w") as f:
             json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
     eval_envs = make_eval_envs(args, args.eval_episodes, args.capture_video, f"{run_path}/videos")
@@ -973,6 +1044,8 @@ def main(args: Args) -> int:
             env.close()
     with open(os.path.join(run_path, "final_eval.json"), "w") as f:
         json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
+    if lock is not None:
+        lock.close()  # the folder is free for the next process (on any other return, the process's end frees it)
     return 0
 
 

@@ -8,12 +8,15 @@ imports escnn.
 """
 
 import ctypes
+import errno
+import fcntl
 import importlib.util
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -803,6 +806,8 @@ SCRIPT = os.path.basename(__file__)
 CHECKPOINT_FILE = "checkpoint.pt"
 RESUMABLE_CHANGES = ("total_timesteps", "run_dir", "cuda")  # the only arguments a resumed run may change
 EXIT_INTERRUPTED = 3  # stopped by SIGUSR1/SIGTERM after writing a checkpoint: the same command resumes the run
+LOCK_FILE = ".lock"  # in the run folder: flock-ed by the process that trains in it, naming its host and pid
+NO_FILE_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # flock where locks do not work
 
 
 def atomic_torch_save(state: dict, path: str) -> None:
@@ -897,6 +902,12 @@ def restore_checkpoint(state: dict, agent, rb, envs, action_rng: np.random.Gener
     return LoopState(**{key: state[key] for key in LoopState.__dataclass_fields__})
 
 
+def budget_schedules(args: Args) -> list[str]:
+    """The schedules that run over `total_timesteps`, so that a resumed run may not change it: none (the learning
+    rates, alpha's target entropy and the update ratio are constants), so a run may be extended."""
+    return []
+
+
 def resume_state(args: Args, run_path: str) -> dict | None:
     """None for a new run (no folder yet), else the checkpoint to resume from, checked against `args`.
 
@@ -921,6 +932,12 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     if args.total_timesteps < state["global_step"]:
         raise ValueError(f"--total-timesteps must be >= the checkpoint's global_step {state['global_step']} to "
                          f"resume {run_path!r}, got {args.total_timesteps}")  # fmt: skip
+    budget, schedules = state["args"]["total_timesteps"], budget_schedules(args)
+    if schedules and args.total_timesteps != budget:
+        raise ValueError(f"cannot resume {run_path!r} with --total-timesteps {args.total_timesteps} (checkpoint: "
+                         f"{budget}): {' and '.join(schedules)} runs over --total-timesteps, so the rate would jump "
+                         f"where the run resumes; rerun with --total-timesteps {budget}, or start a new run with the "
+                         "new budget")  # fmt: skip
     return state
 
 
@@ -943,6 +960,54 @@ def truncate_evals(run_path: str, eval_idx: int) -> None:
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+class RunFolderBusy(ValueError):
+    """Another process holds the run folder's lock: it trains in the folder now (exit 2, nothing touched)."""
+
+
+def lock_run_folder(run_path: str, new: bool = False):
+    """Lock the run folder for this process: `fcntl.flock(LOCK_EX | LOCK_NB)` on `<run_path>/.lock`, then this host
+    and pid written into that file, the only place that names them. `new`: make the folder first. Returns the open
+    lock file: keep it open while the run writes; the kernel drops the lock once no process holds that file open,
+    however the holder ends (kill -9 too). Returns None, touching nothing, for a folder holding neither a lock file
+    nor a checkpoint (no folder, or not a run's: resume_state says which). On a filesystem without working file locks
+    (ENOLCK, ENOSYS, EOPNOTSUPP, EINVAL: Lustre without `-o flock`, NFS without lockd) it warns and returns None.
+
+    Raises:
+        RunFolderBusy: another process holds the lock (one line naming the folder and the holder).
+        ValueError: with `new`, another process made the folder while this one started.
+    """
+    path = os.path.join(run_path, LOCK_FILE)
+    if new:
+        os.makedirs(run_path, exist_ok=True)
+    elif not (os.path.isfile(path) or os.path.isfile(os.path.join(run_path, CHECKPOINT_FILE))):
+        return None
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = " ".join(lock.read().split()) or "no holder written yet"
+        lock.close()
+        raise RunFolderBusy(f"run folder {run_path!r} is in use by another process ({holder}): wait for it to end "
+                            "or stop it, then rerun this command to resume the run") from None  # fmt: skip
+    except OSError as err:
+        lock.close()
+        if err.errno not in NO_FILE_LOCKS:
+            raise
+        print(f"warning: run folder {run_path!r} cannot be locked ({err.strerror}): nothing stops a second process "
+              "from writing into it (docs/cluster.md)", file=sys.stderr)  # fmt: skip
+        return None
+    if new and os.listdir(run_path) != [LOCK_FILE]:
+        lock.close()
+        raise ValueError(f"run folder {run_path!r} was made by another process while this one started; rerun this "
+                         "command to resume it, or choose another --run-name")  # fmt: skip
+    lock.truncate(0)
+    lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+    lock.flush()
+    os.fsync(lock.fileno())  # on NFS: visible to a process on another node that opens the file
+    return lock
 
 
 class StopRequest:
@@ -1125,6 +1190,7 @@ def main(args: Args) -> int:
     try:
         if args.capture_video:
             check_rendering(args.env_id)
+        lock = lock_run_folder(run_path)  # a run's folder: locked before its checkpoint is read (None: none yet)
         saved = resume_state(args, run_path)  # read and checked before anything is written
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -1140,7 +1206,11 @@ def main(args: Args) -> int:
     agent = build_agent(obs_fields, args, device)  # before the run folder: a failure here leaves nothing behind
     params = {"actor_params": num_params(agent[0]["actor"]), "critic_params": num_params(agent[0]["qf"]) // 2}
     if saved is None:
-        os.makedirs(run_path)
+        try:
+            lock = lock_run_folder(run_path, new=True)  # made and locked before anything is written in it
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         with open(os.path.join(run_path, "config.json"), "w") as f:
             json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
     eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
@@ -1180,6 +1250,8 @@ def main(args: Args) -> int:
         eval_envs.close()
     with open(os.path.join(run_path, "final_eval.json"), "w") as f:
         json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
+    if lock is not None:
+        lock.close()  # the folder is free for the next process (on any other return, the process's end frees it)
     return 0
 
 

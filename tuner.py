@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -55,6 +56,9 @@ STDERR_TAIL_LINES = 50
 KILL_GRACE_S = 20.0  # SIGTERM to SIGKILL: a training run finishes its episode and checkpoints (inside Slurm's 30 s)
 MAX_RETRY = 3  # times a trial of a killed or interrupted worker is queued again
 HELP_TIMEOUT_S = 300.0
+RUN_LOCK_FILE = ".lock"  # a run folder's lock file: flock-ed by the process that trains in it (docs/conventions.md)
+RUN_FOLDER_BUSY = re.compile(r"^error: run folder .* is in use by another process \((.*)\)")  # a script's refusal
+FOLDER_WAIT_S = 5.0  # seconds between two looks at a run folder that another process trains in
 
 
 @dataclasses.dataclass
@@ -95,6 +99,23 @@ class UsageError(ValueError):
 
 class ScriptFailed(Exception):
     """A run of the script exited nonzero or never printed the metric; its trial is FAIL, the worker goes on."""
+
+
+def run_folder_holder(folder: str) -> str | None:
+    """Who trains in a run folder now: the host and pid its lock file names while a process holds the file's flock;
+    None when none does, or where the filesystem cannot tell (no file locks). A shared lock taken and dropped at once
+    is the look: the scripts' exclusive lock is refused only in that instant."""
+    try:
+        with open(os.path.join(folder, RUN_LOCK_FILE)) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return " ".join(f.read().split()) or "no holder written yet"
+            except OSError:
+                return None
+    except OSError:  # no lock file: no run has started there
+        return None
+    return None
 
 
 class Interrupted(Exception):
@@ -640,6 +661,9 @@ class Objective:
         self.root = root_trial(trial) if self.resumable else trial.number
         resumes = f" (retries trial {self.root}: its runs resume from their checkpoints)" * (self.root != trial.number)
         print(f"tuner: trial {trial.number} started: {_fmt(params)} seeds {self.args.seeds}{resumes}")
+        self.wait_for_run_folders(trial.number)
+        if self.interrupt.signum:
+            raise Interrupted(self.interrupt.signum, trial.number)
         runs = SeedRuns(self.commands(self.root, params), self.env)
         self.interrupt.runs = runs
         try:
@@ -647,10 +671,13 @@ class Objective:
         finally:
             self.interrupt.runs = None
             runs.stop()
-            if not self.interrupt.signum:  # an interrupted trial is queued again and its runs resume
+            busy = self.refused_seeds(runs)
+            if not self.interrupt.signum and not busy:  # an interrupted or refused trial is queued again: keep them
                 self.remove_checkpoints()
         if self.interrupt.signum:  # the runs died of our SIGTERM: not the script's failure
             raise Interrupted(self.interrupt.signum, trial.number)
+        if busy:
+            self.queue_again(trial, busy)
         self.check_runs(trial, runs, values)
         per_seed = [sum(v[-self.args.last_k :]) / len(v[-self.args.last_k :]) for v in values]
         trial.set_user_attr("seed_values", dict(zip(map(str, self.args.seeds), per_seed, strict=True)))
@@ -710,6 +737,43 @@ class Objective:
             trial.set_user_attr("pruned_at_eval", step)
             print(f"tuner: trial {trial.number} pruned at eval {step}")
             raise optuna.TrialPruned(f"pruned at eval {step}")
+
+    def wait_for_run_folders(self, number: int) -> None:
+        """Waits while another process trains in one of the trial's run folders (the runs of a retried trial whose
+        worker was killed without them, or that a lost node still runs): the retry's runs resume there once it ended.
+        Returns early on a signal."""
+        told = set()
+        while self.resumable and not self.interrupt.signum:
+            folders = [os.path.join(self.run_dir, name) for name in self.run_names(self.root)]
+            busy = {folder: holder for folder in folders if (holder := run_folder_holder(folder))}
+            for folder in busy.keys() - told:
+                print(f"tuner: trial {number} waits: run folder {folder} is in use by another process "
+                      f"({busy[folder]}); its runs start once that process has ended")  # fmt: skip
+            if not busy:
+                return
+            told |= busy.keys()
+            self.interrupt.sleep(FOLDER_WAIT_S)
+
+    def refused_seeds(self, runs: SeedRuns) -> dict[int, str]:
+        """{seed: holder} of the runs that refused to start because another process trains in their run folder
+        (exit 2 and the script's one-line refusal, which names the holder)."""
+        refused = {}
+        for seed, proc, tail in zip(self.args.seeds, runs.procs, runs.tails, strict=True):
+            found = [m.group(1) for line in tail if (m := RUN_FOLDER_BUSY.match(line))]
+            if proc.returncode == 2 and found:
+                refused[seed] = found[-1]
+        return refused
+
+    def queue_again(self, trial: optuna.Trial, refused: dict[int, str]) -> None:
+        """A trial whose runs were refused their folders: queued again (MAX_RETRY times at most), its checkpoints
+        kept, and FAIL with the reason, not as a crash of the script. Raises ScriptFailed."""
+        queued = requeue(trial.study, trial.number)  # before the failure attr, which the copy would inherit
+        reason = "; ".join(f"seed {seed}: its run folder is in use by another process ({holder})"
+                           for seed, holder in refused.items())  # fmt: skip
+        trial.set_user_attr("failure", reason)
+        then = "queued again: its runs resume once that process has ended" if queued else f"retried {MAX_RETRY} times"
+        print(f"tuner: trial {trial.number} not run: {reason}; the trial is {then}", file=sys.stderr)
+        raise ScriptFailed(reason)
 
     def check_runs(self, trial: optuna.Trial, runs: SeedRuns, values: list[list[float]]) -> None:
         """Raises ScriptFailed, keeping the stderr tail as user attr `stderr_tail`, if a run exited nonzero or
@@ -823,10 +887,12 @@ def retried_elsewhere(study: optuna.Study, number: int | None) -> bool:
     return number is not None and any(number in t.system_attrs.get("retry_history", []) for t in trials)
 
 
-def requeue(study: optuna.Study, number: int) -> None:
-    """Queues a WAITING copy of trial `number` (same params) with Optuna's retry callback, up to MAX_RETRY times."""
+def requeue(study: optuna.Study, number: int) -> bool:
+    """Queues a WAITING copy of trial `number` (same params) with Optuna's retry callback, up to MAX_RETRY times;
+    returns whether it did."""
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, frozen)
+    return len(frozen.system_attrs.get("retry_history", [])) < MAX_RETRY
 
 
 # ---- Summary --------------------------------------------------------------------------------------------------

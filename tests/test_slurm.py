@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -149,6 +150,37 @@ def test_the_sbatch_scripts_parse_and_share_one_environment_block():
         start, end = text.index("# ---- environment: identical"), text.index("# ---- end of the shared part")
         blocks.append(text[start:end])
     assert blocks[0] == blocks[1]
+
+
+def test_a_restarted_train_job_moves_aside_a_folder_without_checkpoint_only_while_no_process_trains_in_it(tmp_path):
+    """train.sbatch run by bash as restart 1 of job 77. A run folder without checkpoint.pt, locked by a process that
+    trains in it (here: this one), stays where it is and the script refuses to start, naming that process; once the
+    lock is free the folder is moved aside and the run starts again."""
+    import dqn_snake_cnn
+
+    run = tmp_path / "runs" / "Snake-v0__dqn_snake_cnn__1__slurm77"
+    lock = dqn_snake_cnn.lock_run_folder(str(run), new=True)
+    (run / "config.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SBATCH_", "SLURM_", "EQRL_"))}
+    env |= {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    tiny = ["--board-size", "6", "--total-timesteps", "200", "--learning-starts", "100", "--eval-frequency", "200",
+            "--eval-episodes", "1", "--final-eval-episodes", "1", "--batch-size", "16", "--buffer-size", "1000",
+            "--channels", "4"]  # fmt: skip
+    cmd = ["bash", TRAIN, str(ROOT / "dqn_snake_cnn.py"), *tiny]
+    held = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert held.returncode == 2, held.stderr
+    assert f"runs/{run.name} holds no checkpoint.pt but a process trains in it: not moved" in held.stderr
+    holder = f"host {socket.gethostname()} pid {os.getpid()}"
+    assert f"error: run folder 'runs/{run.name}' is in use by another process ({holder})" in held.stderr
+    assert "python exited 2 (refused: bad arguments, or its run folder is in use by another process" in held.stderr
+    assert os.listdir(tmp_path / "runs") == [run.name] and (run / "config.json").read_text() == "{}"
+    lock.close()
+    freed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert freed.returncode == 0, freed.stderr
+    aside = run.parent / f"{run.name}__no-checkpoint-restart1"
+    assert f"holds no checkpoint.pt; moved to runs/{aside.name}, starting over" in freed.stderr
+    assert (aside / "config.json").read_text() == "{}"
+    assert json.loads((run / "final_eval.json").read_text())["global_step"] == 200
 
 
 # ---- real jobs ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import math
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -529,3 +530,86 @@ def test_an_interrupted_trial_is_retried_and_its_runs_resume_from_their_checkpoi
     assert [(r["eval_idx"], r["global_step"]) for r in evals] == [(0, 100), (1, 200), (2, 300), (3, 400)]
     assert retried.value == evals[-1]["eval/success_rate"]
     assert not (run_path / "checkpoint.pt").exists()  # an ended trial keeps no checkpoint
+
+
+# ---- run folders in use ------------------------------------------------------------------------------------------
+BUSY_TRAIN = """import argparse, sys
+parser = argparse.ArgumentParser()
+for flag in ("--seed", "--exp-name", "--run-name", "--lr"):
+    parser.add_argument(flag)
+name = parser.parse_args().run_name
+print(f"error: run folder 'runs/{name}' is in use by another process (host node12 pid 4242): wait for it to end or "
+      "stop it, then rerun this command to resume the run", file=sys.stderr)
+sys.exit(2)
+"""
+DQN_FIXED = ["--board-size", "6", "--total-timesteps", "400", "--learning-starts", "100", "--eval-frequency", "200",
+             "--eval-episodes", "1", "--final-eval-episodes", "1", "--batch-size", "16", "--buffer-size", "1000",
+             "--exploration-steps", "200", "--checkpoint-frequency", "200", "--channels", "4", "--no-cuda"]  # fmt: skip
+
+
+def test_a_run_refused_its_folder_fails_its_trial_as_in_use_keeps_its_checkpoint_and_queues_the_trial(tmp_path):
+    """A script that exits 2 because another process trains in its run folder has not crashed: the trial is FAIL with
+    the holder as its `failure`, no stderr dump, its checkpoints kept for the retry, and it is queued again."""
+    script = tmp_path / "busy_train.py"
+    script.write_text(BUSY_TRAIN)
+    checkpoint = tmp_path / "runs" / "busy-t0-s1" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"the earlier run's")
+    result = run_tuner(tmp_path, "--script", str(script), "--study-name", "busy", "--n-trials", "1", "--param", LR)
+    assert result.returncode == 1, result.stderr  # no trial completed
+    trials = journal_study(tmp_path, "busy").trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * (1 + tuner.MAX_RETRY)  # the trial and its retries
+    assert [t.system_attrs.get("failed_trial") for t in trials] == [None] + [0] * tuner.MAX_RETRY
+    reason = "seed 1: its run folder is in use by another process (host node12 pid 4242)"
+    assert all(t.user_attrs == {"failure": reason} for t in trials)  # no stderr_tail: not a crash
+    assert f"tuner: trial 0 not run: {reason}; the trial is queued again: its runs resume once" in result.stderr
+    assert f"tuner: trial {tuner.MAX_RETRY} not run: {reason}; the trial is retried 3 times" in result.stderr
+    assert "FAILED" not in result.stderr and "last lines of its stderr" not in result.stderr
+    assert checkpoint.read_bytes() == b"the earlier run's"
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_retried_trial_waits_while_its_earlier_run_still_trains_in_its_folder_then_resumes_it(tmp_path):
+    """The retry of a trial whose worker died without its runs (or whose node was lost) finds the earlier run alive
+    in the folder it resumes: it waits for that process to end, then resumes the run instead of training beside it."""
+    script = str(ROOT / "dqn_snake_cnn.py")
+    (tmp_path / "runs").mkdir()
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / tuner.DEFAULT_JOURNAL)))
+    study = optuna.create_study(study_name="wait", storage=storage, direction="maximize")
+    lr = FloatDistribution(1e-4, 1e-3, log=True)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params={"learning_rate": 3e-4},
+                                              distributions={"learning_rate": lr}))  # fmt: skip
+    assert tuner.requeue(study, 0)  # trial 1: its retry, WAITING
+    run_path = tmp_path / "runs" / "wait-t0-s1"
+    earlier = subprocess.Popen(
+        [sys.executable, script, *DQN_FIXED, "--learning-rate", "0.0003", "--seed", "1", "--exp-name", "wait-t0-s1",
+         "--run-name", "wait-t0-s1"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: (run_path / "checkpoint.pt").exists() or earlier.poll() is not None, 300, "a checkpoint")
+        earlier.send_signal(signal.SIGSTOP)  # alive, holding the folder's lock
+        checkpointed = (run_path / "checkpoint.pt").read_bytes()
+        out = tmp_path / "worker.out"
+        with open(out, "w") as stdout:
+            worker = subprocess.Popen(
+                [sys.executable, TUNER, "--script", script, "--study-name", "wait", "--n-trials", "1", "--metric",
+                 "eval/return", "--param", "learning_rate=loguniform:1e-4,1e-3", "--pruner", "none", "--", *DQN_FIXED],
+                cwd=tmp_path, env=tuner_env(), stdout=stdout, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        holder = f"host {socket.gethostname()} pid {earlier.pid}"
+        waits = f"tuner: trial 1 waits: run folder runs/wait-t0-s1 is in use by another process ({holder})"
+        wait_until(lambda: waits in out.read_text() or worker.poll() is not None, 300, "the worker to wait")
+        time.sleep(1.0)
+        assert worker.poll() is None and (run_path / "checkpoint.pt").read_bytes() == checkpointed
+    finally:
+        earlier.kill()  # like the OOM killer: the kernel drops its lock
+        earlier.wait()
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+    assert waits in out.read_text() and "tuner: trial 1 started: " in out.read_text()
+    earlier_trial, retried = journal_study(tmp_path, "wait").trials
+    assert (earlier_trial.state, retried.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert sorted(retried.intermediate_values) == [0, 1]
+    evals = [json.loads(line) for line in (run_path / "evals.jsonl").read_text().splitlines()]
+    assert [(r["eval_idx"], r["global_step"]) for r in evals] == [(0, 200), (1, 400)]
+    assert len(list(run_path.glob("events.out.tfevents.*"))) == 2  # the earlier process, then the resumed run
