@@ -11,6 +11,7 @@ import ctypes
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -865,9 +866,12 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     if not os.path.exists(run_path):
         return None
     path = os.path.join(run_path, CHECKPOINT_FILE)
+    if not os.path.isdir(run_path):
+        raise ValueError(f"run folder {run_path!r} is not a folder: delete it or choose another --run-name")
     if not os.path.isfile(path):
-        raise ValueError(f"run folder {run_path!r} exists and holds no {CHECKPOINT_FILE} to resume from; "
-                         "choose another --run-name or --run-dir")  # fmt: skip
+        raise ValueError(f"run folder {run_path!r} exists and holds no {CHECKPOINT_FILE} to resume from (its run "
+                         "ended before its first checkpoint, or it is not a run folder): delete it or choose another "
+                         "--run-name to start afresh")  # fmt: skip
     state = load_saved(path)
     given = asdict(args)
     changed = [key for key in given if key not in RESUMABLE_CHANGES and state["args"].get(key) != given[key]]
@@ -904,16 +908,35 @@ def truncate_evals(run_path: str, eval_idx: int) -> None:
 
 
 class StopRequest:
-    """Records a SIGUSR1 or SIGTERM (Slurm's warning signal, preemption, time limit): the training loop finishes the
-    current episode, writes a checkpoint and stops (exit code EXIT_INTERRUPTED)."""
+    """Records a SIGUSR1, a SIGTERM (Slurm's warning signal, preemption, time limit) or a first SIGINT (Ctrl-C): the
+    training loop stops at its next checkpoint boundary (the end of the episode, vector step or update), writes a
+    checkpoint and exits with EXIT_INTERRUPTED. A second SIGINT aborts at once: it kills the child processes (async
+    env workers) and ends the process by SIGINT, as an uncaught Ctrl-C does but without the traceback (the shell's
+    exit status 130); the run folder keeps its last checkpoint. Forked children inherit the handler and ignore these
+    signals (a Ctrl-C at a terminal reaches them too)."""
 
     def __init__(self):
-        self.signum = None
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
+        self.signum, self.sigints, self.pid = None, 0, os.getpid()
+        for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # an async env worker: its parent stops it
+            return
         self.signum = signum
+        if signum != signal.SIGINT:
+            return
+        self.sigints += 1
+        if self.sigints == 1:
+            os.write(2, b"SIGINT: the run stops at its next checkpoint boundary and writes a checkpoint; "
+                        b"Ctrl-C again aborts at once without one\n")  # fmt: skip
+            return
+        os.write(2, b"SIGINT again: aborted without a new checkpoint\n")
+        for child in multiprocessing.active_children():  # before they see their pipes close and print tracebacks
+            child.kill()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)  # ends the process by SIGINT, as Python does after a KeyboardInterrupt
+        os._exit(128 + signal.SIGINT)  # not reached
 
 
 class Interrupted(Exception):
@@ -1218,7 +1241,8 @@ def maybe_checkpoint(args, agent, rb, envs, loop: LoopState, action_rng, run_pat
     atomic_torch_save(training_checkpoint(args, agent, rb, envs, loop, action_rng), path)
     if stop.signum:
         raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at global_step {loop.global_step}: "
-                          f"checkpoint written to {path}; rerun the same command to resume")  # fmt: skip
+                          f"checkpoint written to {path}; to resume, rerun the same command with --run-name "
+                          f"{args.run_name}")  # fmt: skip
 
 
 def log_episodes(infos: dict, done: np.ndarray, writer, global_step: int) -> None:

@@ -1,6 +1,6 @@
 """rpo_mujoco.py: GAE against its definition, truncation bootstrapping where the right value is known, normalisation
 statistics saved and restored exactly and frozen at evaluation, MuJoCo states restored exactly, the NumPy acting copy
-against the torch agent, end-to-end runs on the real simulator, exact resume after SIGUSR1 and bad input."""
+against the torch agent, end-to-end runs on the real simulator, exact resume after SIGUSR1, Ctrl-C and bad input."""
 
 import dataclasses
 import glob
@@ -299,6 +299,30 @@ def test_run_stopped_by_sigusr1_and_resumed_equals_the_uninterrupted_run(tmp_pat
     for tag in ("charts/episodic_return", "losses/value_loss", "eval/return"):
         assert scalars(run_path, tag) == scalars(ref_path, tag), tag
     assert scalars(run_path, "charts/episodic_length") == [(1000, 1000.0)]  # truncated at the time limit
+
+
+def test_a_first_sigint_checkpoints_at_the_update_boundary_exits_3_and_the_same_run_name_resumes(tmp_path):
+    """Ctrl-C acts as SIGUSR1: the update ends, a checkpoint is written, exit code 3 and one line that says how to
+    resume; the same command resumes the run, which then ends normally."""
+    args = script_args(tmp_path / "runs", "Hopper-v5", 2 * UPDATE, ["--run-name", "ctrl-c"])
+    proc = start(args, tmp_path)
+    run_path = tmp_path / "runs" / "ctrl-c"
+    deadline = time.time() + 120
+    while not (run_path / "config.json").exists():  # the handlers are installed before the run folder is made
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-3000:]
+    stopped_at = load(run_path / "checkpoint.pt")["global_step"]
+    assert UPDATE <= stopped_at < 2 * UPDATE and stopped_at % UPDATE == 0
+    assert (f"[ctrl-c] stopped by SIGINT at global_step {stopped_at}: checkpoint written to {run_path}/checkpoint.pt; "
+            "to resume, rerun the same command with --run-name ctrl-c") in stderr.splitlines()  # fmt: skip
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    resumed = run(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from global_step {stopped_at}" in resumed.stderr
+    assert load(run_path / "checkpoint.pt")["global_step"] == 2 * UPDATE
 
 
 # ---------------------------------------------------------------------------------------------------------------------
