@@ -10,6 +10,7 @@ Details of Proximal Policy Optimization" (ICLR blog track), i.e. CleanRL's `ppo_
 
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -506,6 +507,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 def validate_args(args: Args) -> None:
     """Raise ValueError naming the bad value and the allowed ones; called before anything is written."""
+    check_finite_floats(args)  # first: a NaN passes the range checks below
+    check_run_dir(args.run_dir)
     parse_env_id(args.env_id)
     checks = [
         (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
@@ -543,6 +546,25 @@ def validate_args(args: Args) -> None:
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise ValueError("--capture-video needs moviepy: pip install moviepy")
     check_memory(args)
+
+
+def check_finite_floats(args) -> None:
+    """Raise ValueError naming the first float argument that is NaN or infinite (range checks let NaN through, as
+    every comparison with it is False, and inf through one-sided ones)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Raise ValueError unless `run_dir` is a folder or can be made one: the nearest part of it that exists must be a
+    folder (not a file), so that the run folder can be made under it."""
+    path = os.path.abspath(run_dir)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--run-dir must be a folder or a path where one can be made, got {run_dir!r} "
+                         f"({path!r} is not a folder)")  # fmt: skip
 
 
 def check_memory(args: Args) -> None:

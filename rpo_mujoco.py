@@ -502,6 +502,8 @@ def check_env(env_id: str) -> None:
 
 def validate_args(args: Args) -> None:
     """Raise ValueError naming the bad value and the allowed ones; called before anything is written."""
+    check_finite_floats(args)  # first: a NaN passes the range checks below
+    check_run_dir(args.run_dir)
     checks = [
         (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.num_envs >= 1, f"--num-envs must be >= 1, got {args.num_envs}"),
@@ -539,6 +541,25 @@ def validate_args(args: Args) -> None:
     check_env(args.env_id)
     if args.capture_video:
         check_rendering(args.env_id)
+
+
+def check_finite_floats(args) -> None:
+    """Raise ValueError naming the first float argument that is NaN or infinite (range checks let NaN through, as
+    every comparison with it is False, and inf through one-sided ones)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Raise ValueError unless `run_dir` is a folder or can be made one: the nearest part of it that exists must be a
+    folder (not a file), so that the run folder can be made under it."""
+    path = os.path.abspath(run_dir)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--run-dir must be a folder or a path where one can be made, got {run_dir!r} "
+                         f"({path!r} is not a folder)")  # fmt: skip
 
 
 def check_rendering(env_id: str) -> None:

@@ -271,6 +271,8 @@ BAD_ARGS = [
     ({"target_network_frequency": 0}, "--target-network-frequency must be >= 1, got 0"),
     ({"step_cost": -0.1}, "--step-cost must be >= 0, got -0.1"),
     ({"gamma": 1.0}, "--gamma must be in [0, 1), got 1.0"),
+    ({"step_cost": float("inf")}, "--step-cost must be a finite number, got inf"),
+    ({"learning_rate": float("nan")}, "--learning-rate must be a finite number, got nan"),
 ]
 
 
@@ -466,6 +468,29 @@ def test_bad_values_exit_2_with_one_line_before_any_folder_is_made(script, extra
     (line,) = result.stderr.splitlines()
     assert line.startswith(message)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "extra", "message"),
+    [
+        ("runs", ["--step-cost", "inf"], "error: --step-cost must be a finite number, got inf"),
+        ("runs", ["--learning-rate", "nan"], "error: --learning-rate must be a finite number, got nan"),
+        ("{file}/runs", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}/runs' "
+                            "('{file}' is not a folder)"),
+        ("{file}", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}' ('{file}' is "
+                       "not a folder)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("script", ["eq", "cnn"])
+def test_nan_or_inf_and_a_file_in_the_run_dir_exit_2_with_one_line_and_write_nothing(
+    script, run_dir, extra, message, tmp_path
+):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    result = run(script, train_args(script, tmp_path / run_dir.format(file=file), "bad") + extra, tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [message.format(file=file)]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and file.read_text() == "mine"
 
 
 def test_a_first_sigint_checkpoints_after_the_vector_step_exits_3_and_the_same_run_name_resumes(tmp_path):

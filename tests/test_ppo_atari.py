@@ -307,6 +307,8 @@ BAD_ARGS = [
     ({"target_kl": -0.1}, "--target-kl must be > 0 (or None), got -0.1"),
     ({"eval_episodes": 0}, "--eval-episodes must be >= 1, got 0"),
     ({"num_envs": 0}, "--num-envs must be >= 1, got 0"),
+    ({"ent_coef": float("nan")}, "--ent-coef must be a finite number, got nan"),
+    ({"max_grad_norm": float("inf")}, "--max-grad-norm must be a finite number, got inf"),
 ]
 
 
@@ -329,6 +331,26 @@ def test_bad_env_id_exits_2_with_one_line_and_writes_nothing(tmp_path):
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: unknown --env-id 'Pong-v4'; supported:")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "extra", "message"),
+    [
+        ("runs", ["--ent-coef", "nan"], "error: --ent-coef must be a finite number, got nan"),
+        ("runs", ["--max-grad-norm", "inf"], "error: --max-grad-norm must be a finite number, got inf"),
+        ("{file}/runs", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}/runs' "
+                            "('{file}' is not a folder)"),
+        ("{file}", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}' ('{file}' is "
+                       "not a folder)"),
+    ],
+)  # fmt: skip
+def test_nan_or_inf_and_a_file_in_the_run_dir_exit_2_with_one_line_and_write_nothing(run_dir, extra, message, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    result = run(script_args(tmp_path / run_dir.format(file=file), extra=["--run-name", "bad", *extra]), tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [message.format(file=file)]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and file.read_text() == "mine"
 
 
 @pytest.mark.parametrize("mode", ["ale", "async"])

@@ -337,6 +337,8 @@ BAD_ARGS = [
     ({"gamma": 1.5}, "--gamma must be in [0, 1), got 1.5"),
     ({"gae_lambda": 1.5}, "--gae-lambda must be in [0, 1], got 1.5"),
     ({"update_epochs": 0}, "--update-epochs must be >= 1, got 0"),
+    ({"vf_coef": float("nan")}, "--vf-coef must be a finite number, got nan"),
+    ({"rpo_alpha": float("inf")}, "--rpo-alpha must be a finite number, got inf"),
 ]
 
 
@@ -357,6 +359,26 @@ def test_bad_env_id_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert result.stderr.splitlines() == ["error: --env-id must have a Box action space, got CartPole-v1 with "
                                           "Discrete(2)"]  # fmt: skip
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "extra", "message"),
+    [
+        ("runs", ["--vf-coef", "nan"], "error: --vf-coef must be a finite number, got nan"),
+        ("runs", ["--rpo-alpha", "inf"], "error: --rpo-alpha must be a finite number, got inf"),
+        ("{file}/runs", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}/runs' "
+                            "('{file}' is not a folder)"),
+        ("{file}", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}' ('{file}' is "
+                       "not a folder)"),
+    ],
+)  # fmt: skip
+def test_nan_or_inf_and_a_file_in_the_run_dir_exit_2_with_one_line_and_write_nothing(run_dir, extra, message, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    result = run(script_args(tmp_path / run_dir.format(file=file), extra=["--run-name", "bad", *extra]), tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [message.format(file=file)]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and file.read_text() == "mine"
 
 
 def test_capture_video_saves_one_video_per_evaluation(tmp_path, monkeypatch):
