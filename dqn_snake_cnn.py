@@ -33,6 +33,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 @dataclass
 class Args:
+    """Train DQN (Double-DQN targets) with a CNN Q-network on a Snake board (the equivariant twin's baseline)."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1

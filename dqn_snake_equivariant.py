@@ -41,6 +41,8 @@ from escnn import nn as enn  # noqa: E402
 
 @dataclass
 class Args:
+    """Train DQN (Double-DQN targets) with a D4- or C4-equivariant Q-network (escnn) on a Snake board."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1

@@ -33,6 +33,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 @dataclass
 class Args:
+    """Train PPO (CleanRL's Atari algorithm and defaults) on an Atari game (ale-py)."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1

@@ -32,6 +32,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 @dataclass
 class Args:
+    """Train RPO (CleanRL's algorithm and defaults) on a gymnasium MuJoCo v5 task or any Box-action env."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1

@@ -44,6 +44,8 @@ from gymnasium_robotics.utils import rotations  # noqa: E402
 
 @dataclass
 class Args:
+    """Train SAC + HER with D_N-equivariant networks (escnn) on a gymnasium-robotics Fetch task."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1

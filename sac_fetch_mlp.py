@@ -40,6 +40,8 @@ from gymnasium_robotics.utils import rotations  # noqa: E402
 
 @dataclass
 class Args:
+    """Train SAC + HER with MLP networks on a gymnasium-robotics Fetch task (the equivariant twin's baseline)."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1

@@ -1,6 +1,6 @@
 """Bad input fails before training with one line naming the value and the allowed ones; a NaN loss stops the run,
-names the step and keeps what was written; the plumbing that every script defines (signals, input checks, resume) is
-one text."""
+names the step and keeps what was written; `--help` says what each script trains; the plumbing that every script
+defines (signals, input checks, resume) is one text."""
 
 import ast
 import dataclasses
@@ -139,14 +139,28 @@ def test_nan_or_inf_and_a_file_in_the_run_dir_exit_2_with_one_line_and_write_not
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and file.read_text() == "mine"
 
 
-SCRIPTS = (
-    "sac_fetch_equivariant.py",
-    "sac_fetch_mlp.py",
-    "dqn_snake_equivariant.py",
-    "dqn_snake_cnn.py",
-    "ppo_atari.py",
-    "rpo_mujoco.py",
-)
+TRAINS = {  # script -> how its --help opens, and the task family it names
+    "sac_fetch_equivariant.py": ("Train SAC + HER with D_N-equivariant networks", "Fetch"),
+    "sac_fetch_mlp.py": ("Train SAC + HER with MLP networks", "Fetch"),
+    "dqn_snake_equivariant.py": ("Train DQN (Double-DQN targets) with a D4- or C4-equivariant Q-network", "Snake"),
+    "dqn_snake_cnn.py": ("Train DQN (Double-DQN targets) with a CNN Q-network", "Snake"),
+    "ppo_atari.py": ("Train PPO", "Atari"),
+    "rpo_mujoco.py": ("Train RPO", "MuJoCo"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(TRAINS))
+def test_help_opens_with_one_line_saying_what_the_script_trains(script, tmp_path):
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    usage, blank, first, after, *_ = result.stdout.splitlines()
+    opening, task = TRAINS[script]
+    assert usage.startswith("usage: ") and script in usage and blank == "" and after == ""  # one line, then blank
+    assert first.startswith(opening) and task in first and first.endswith(".") and len(first) <= 120
+
+
 SHARED = ("StopRequest", "Interrupted", "check_finite_floats", "check_run_dir", "resume_state", "atomic_torch_save")
 
 
@@ -163,7 +177,7 @@ def top_level_sources(path: str) -> dict:
 
 def test_the_signal_input_and_resume_plumbing_is_one_text_in_every_script():
     """So that Ctrl-C, SIGUSR1/SIGTERM, bad input and resume behave alike in every script (docs/conventions.md)."""
-    sources = {script: top_level_sources(os.path.join(ROOT, script)) for script in SCRIPTS}
+    sources = {script: top_level_sources(os.path.join(ROOT, script)) for script in TRAINS}
     for name in (*SHARED, "__main__"):
         texts = {script: found[name] for script, found in sources.items()}
         assert len(set(texts.values())) == 1, f"{name} differs between {sorted(texts)}"
