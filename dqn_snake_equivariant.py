@@ -860,7 +860,7 @@ class Interrupted(Exception):
 def evaluate_checkpoint(path: str, eval_episodes: int = 10, seed: int = 0) -> dict:
     """Rebuild the Q-network saved in `model.pt` (`--save-model`) or `checkpoint.pt` and evaluate it greedily.
 
-    Usage: python -c "import dqn_snake_equivariant as m; print(m.evaluate_checkpoint('runs/<run_name>/model.pt'))"
+    Usage: python -c "import dqn_snake_equivariant as m; print(m.evaluate_checkpoint('runs/<run_name>/checkpoint.pt'))"
     Returns {"global_step", "eval/score", "eval/length", "eval/return"}. Raises ValueError if another script saved
     `path`.
     """

@@ -816,7 +816,7 @@ def evaluate_checkpoint(path: str, eval_episodes: int = 10, seed: int = 0, sampl
     """Rebuild the agent saved in `model.pt` (`--save-model`) or `checkpoint.pt` and evaluate it on `eval_episodes`
     whole games (sampled actions unless the run used `--no-eval-sampled` or `sampled=False`).
 
-    Usage: python -c "import ppo_atari as m; print(m.evaluate_checkpoint('runs/<run_name>/model.pt'))"
+    Usage: python -c "import ppo_atari as m; print(m.evaluate_checkpoint('runs/<run_name>/checkpoint.pt'))"
     Returns {"global_step", "eval/return", "eval/length"}. Raises ValueError if another script saved `path`.
     """
     state = load_saved(path)

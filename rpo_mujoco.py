@@ -807,7 +807,7 @@ def evaluate_checkpoint(path: str, eval_episodes: int = 10, seed: int = 0) -> di
     """Rebuild the agent and its observation statistics saved in `model.pt` (`--save-model`) or `checkpoint.pt` and
     evaluate it deterministically with the statistics frozen.
 
-    Usage: python -c "import rpo_mujoco as m; print(m.evaluate_checkpoint('runs/<run_name>/model.pt'))"
+    Usage: python -c "import rpo_mujoco as m; print(m.evaluate_checkpoint('runs/<run_name>/checkpoint.pt'))"
     Returns {"global_step", "eval/return", "eval/length"}. Raises ValueError if another script saved `path`.
     """
     state, args, agent, normalizer = load_agent(path)

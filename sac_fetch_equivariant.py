@@ -1259,7 +1259,7 @@ class Interrupted(Exception):
 def evaluate_checkpoint(path: str, eval_episodes: int = 10, seed: int = 0) -> dict:
     """Rebuild the actor saved in `model.pt` (`--save-model`) or `checkpoint.pt` and evaluate it deterministically.
 
-    Usage: python -c "import sac_fetch_equivariant as m; print(m.evaluate_checkpoint('runs/<run_name>/model.pt'))"
+    Usage: python -c "import sac_fetch_equivariant as m; print(m.evaluate_checkpoint('runs/<run_name>/checkpoint.pt'))"
     Returns {"global_step", "eval/success_rate", "eval/return"}. Raises ValueError if another script saved `path`.
     """
     state = load_saved(path)

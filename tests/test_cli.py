@@ -181,3 +181,18 @@ def test_the_signal_input_and_resume_plumbing_is_one_text_in_every_script():
     for name in (*SHARED, "__main__"):
         texts = {script: found[name] for script, found in sources.items()}
         assert len(set(texts.values())) == 1, f"{name} differs between {sorted(texts)}"
+
+
+def test_the_readme_offers_a_cpu_only_install_line_after_the_default_one_with_the_same_torch():
+    """.ci/run runs the first README line that starts with `pip install -r requirements.txt`: the default line must
+    stay first and the CPU-only lines (README, docs/cluster.md) must not start so; they are a manual check."""
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        (torch_pin,) = [line.split("#")[0].strip() for line in f if line.startswith("torch==")]
+    for doc in ("README.md", "docs/cluster.md"):
+        with open(os.path.join(ROOT, doc)) as f:
+            lines = f.read().splitlines()
+        default = next(i for i, line in enumerate(lines) if line.startswith("pip install -r requirements.txt"))
+        cpu = next(i for i, line in enumerate(lines) if "download.pytorch.org/whl/cpu" in line)
+        assert default < cpu and "--index-url" not in lines[default], doc
+        assert lines[cpu].startswith(f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu && ")
+        assert "&& pip install -r requirements.txt && pip install --no-deps escnn==1.0.11" in lines[cpu], doc

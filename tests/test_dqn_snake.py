@@ -358,6 +358,8 @@ def test_training_runs_past_learning_starts_logs_and_saves_a_model_that_evaluate
     again = m.evaluate_checkpoint(os.path.join(run_path, "model.pt"), eval_episodes=2, seed=3 + 1_000_000)
     for key in ("eval/score", "eval/length", "eval/return"):  # the saved agent replays the last evaluation
         assert again[key] == pytest.approx(records[-1][key]), key
+    checkpoint = os.path.join(run_path, "checkpoint.pt")  # the training checkpoint holds the same agent
+    assert m.evaluate_checkpoint(checkpoint, eval_episodes=2, seed=3 + 1_000_000) == again
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:

@@ -205,6 +205,8 @@ def test_training_runs_three_updates_and_logs_cleanrl_metrics_and_json_lines(tmp
     assert all(length >= 100 for _, length in scalars(run_path, "charts/episodic_length"))
     again = m.evaluate_checkpoint(os.path.join(run_path, "model.pt"), eval_episodes=2, seed=2 + 1_000_000)
     assert again["global_step"] == 768 and again["eval/return"] == records[-1]["eval/return"]
+    checkpoint = os.path.join(run_path, "checkpoint.pt")  # the training checkpoint holds the same agent
+    assert m.evaluate_checkpoint(checkpoint, eval_episodes=2, seed=2 + 1_000_000) == again
 
 
 def assert_same_agent(a: dict, b: dict):

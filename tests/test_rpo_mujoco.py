@@ -264,6 +264,8 @@ def test_training_runs_two_updates_logs_and_saves_the_statistics_with_the_model(
     assert torch.equal(stats["mean"], checkpoint["normalizer"]["obs_rms"]["mean"]) and stats["var"].min() > 0
     again = m.evaluate_checkpoint(os.path.join(run_path, "model.pt"), eval_episodes=2, seed=3 + 1_000_000)
     assert again["global_step"] == 512 and again["eval/return"] == pytest.approx(records[-1]["eval/return"])
+    checkpoint = os.path.join(run_path, "checkpoint.pt")  # the training checkpoint holds the same agent and statistics
+    assert m.evaluate_checkpoint(checkpoint, eval_episodes=2, seed=3 + 1_000_000) == again
 
 
 def test_run_stopped_by_sigusr1_and_resumed_equals_the_uninterrupted_run(tmp_path):
