@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -35,6 +36,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 @dataclass
 class Args:
+    """Train DQN (Double-DQN targets) with a CNN Q-network on a Snake board (the equivariant twin's baseline)."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
@@ -480,6 +483,8 @@ def epsilon_greedy(q_network, obs: np.ndarray, epsilon: float, rng: np.random.Ge
 # ---------------------------------------------------------------------------------------------------------------------
 def validate_args(args: Args) -> None:
     """Raise ValueError naming the bad value and the allowed ones; called before anything is written."""
+    check_finite_floats(args)  # first: a NaN passes the range checks below
+    check_run_dir(args.run_dir)
     if args.env_id not in SUPPORTED_ENV_IDS:
         raise ValueError(f"unknown --env-id {args.env_id!r}; supported: {', '.join(SUPPORTED_ENV_IDS)}")
     checks = [
@@ -522,6 +527,25 @@ def validate_args(args: Args) -> None:
         raise ValueError("--capture-video needs moviepy: pip install moviepy")
     validate_network_args(args)
     check_memory(args)
+
+
+def check_finite_floats(args) -> None:
+    """Raise ValueError naming the first float argument that is NaN or infinite (range checks let NaN through, as
+    every comparison with it is False, and inf through one-sided ones)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Raise ValueError unless `run_dir` is a folder or can be made one: the nearest part of it that exists must be a
+    folder (not a file), so that the run folder can be made under it."""
+    path = os.path.abspath(run_dir)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--run-dir must be a folder or a path where one can be made, got {run_dir!r} "
+                         f"({path!r} is not a folder)")  # fmt: skip
 
 
 def check_memory(args: Args) -> None:
@@ -723,9 +747,12 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     if not os.path.exists(run_path):
         return None
     path = os.path.join(run_path, CHECKPOINT_FILE)
+    if not os.path.isdir(run_path):
+        raise ValueError(f"run folder {run_path!r} is not a folder: delete it or choose another --run-name")
     if not os.path.isfile(path):
-        raise ValueError(f"run folder {run_path!r} exists and holds no {CHECKPOINT_FILE} to resume from; "
-                         "choose another --run-name or --run-dir")  # fmt: skip
+        raise ValueError(f"run folder {run_path!r} exists and holds no {CHECKPOINT_FILE} to resume from (its run "
+                         "ended before its first checkpoint, or it is not a run folder): delete it or choose another "
+                         "--run-name to start afresh")  # fmt: skip
     state = load_saved(path)
     given = asdict(args)
     changed = [key for key in given if key not in RESUMABLE_CHANGES and state["args"].get(key) != given[key]]
@@ -816,16 +843,35 @@ def lock_run_folder(run_path: str, new: bool = False):
 
 
 class StopRequest:
-    """Records a SIGUSR1 or SIGTERM (Slurm's warning signal, preemption, time limit): the training loop finishes the
-    current vector step, writes a checkpoint and stops (exit code EXIT_INTERRUPTED)."""
+    """Records a SIGUSR1, a SIGTERM (Slurm's warning signal, preemption, time limit) or a first SIGINT (Ctrl-C): the
+    training loop stops at its next checkpoint boundary (the end of the episode, vector step or update), writes a
+    checkpoint and exits with EXIT_INTERRUPTED. A second SIGINT aborts at once: it kills the child processes (async
+    env workers) and ends the process by SIGINT, as an uncaught Ctrl-C does but without the traceback (the shell's
+    exit status 130); the run folder keeps its last checkpoint. Forked children inherit the handler and ignore these
+    signals (a Ctrl-C at a terminal reaches them too)."""
 
     def __init__(self):
-        self.signum = None
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
+        self.signum, self.sigints, self.pid = None, 0, os.getpid()
+        for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # an async env worker: its parent stops it
+            return
         self.signum = signum
+        if signum != signal.SIGINT:
+            return
+        self.sigints += 1
+        if self.sigints == 1:
+            os.write(2, b"SIGINT: the run stops at its next checkpoint boundary and writes a checkpoint; "
+                        b"Ctrl-C again aborts at once without one\n")  # fmt: skip
+            return
+        os.write(2, b"SIGINT again: aborted without a new checkpoint\n")
+        for child in multiprocessing.active_children():  # before they see their pipes close and print tracebacks
+            child.kill()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)  # ends the process by SIGINT, as Python does after a KeyboardInterrupt
+        os._exit(128 + signal.SIGINT)  # not reached
 
 
 class Interrupted(Exception):
@@ -835,7 +881,7 @@ class Interrupted(Exception):
 def evaluate_checkpoint(path: str, eval_episodes: int = 10, seed: int = 0) -> dict:
     """Rebuild the Q-network saved in `model.pt` (`--save-model`) or `checkpoint.pt` and evaluate it greedily.
 
-    Usage: python -c "import dqn_snake_equivariant as m; print(m.evaluate_checkpoint('runs/<run_name>/model.pt'))"
+    Usage: python -c "import dqn_snake_equivariant as m; print(m.evaluate_checkpoint('runs/<run_name>/checkpoint.pt'))"
     Returns {"global_step", "eval/score", "eval/length", "eval/return"}. Raises ValueError if another script saved
     `path`.
     """
@@ -1070,7 +1116,8 @@ def maybe_checkpoint(args, agent, rb, envs, obs, loop: LoopState, rngs, run_path
     atomic_torch_save(training_checkpoint(args, agent, rb, envs, obs, loop, rngs), path)
     if stop.signum:
         raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at global_step {loop.global_step}: "
-                          f"checkpoint written to {path}; rerun the same command to resume")  # fmt: skip
+                          f"checkpoint written to {path}; to resume, rerun the same command with --run-name "
+                          f"{args.run_name}")  # fmt: skip
 
 
 def heldout_evaluation(args, q_network, eval_envs, writer, global_step: int, device) -> dict:

@@ -1,6 +1,8 @@
 """Bad input fails before training with one line naming the value and the allowed ones; a NaN loss stops the run,
-names the step and keeps what was written."""
+names the step and keeps what was written; `--help` says what each script trains; the plumbing that every script
+defines (signals, input checks, resume) is one text."""
 
+import ast
 import dataclasses
 import glob
 import json
@@ -29,6 +31,10 @@ BAD_ARGS = [
     ({"policy_frequency": 0}, "--policy-frequency must be >= 1, got 0"),
     ({"q_lr": -1.0}, "learning rates must be > 0"),
     ({"update_ratio": 0.0}, "--update-ratio must be in (0, 64], got 0.0"),
+    ({"target_entropy": float("nan")}, "--target-entropy must be a finite number, got nan"),
+    ({"q_lr": float("inf")}, "--q-lr must be a finite number, got inf"),
+    ({"gamma": float("nan")}, "--gamma must be a finite number, got nan"),
+    ({"alpha": float("-inf")}, "--alpha must be a finite number, got -inf"),
 ]
 
 
@@ -107,3 +113,86 @@ def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_run_folder(
     with open(os.path.join(run_path, "evals.jsonl")) as f:
         assert [json.loads(line)["global_step"] for line in f] == [50, 100]  # evaluations before the NaN are kept
     assert not os.path.exists(os.path.join(run_path, "final_eval.json"))
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "extra", "message"),
+    [
+        ("runs", ["--target-entropy", "nan"], "error: --target-entropy must be a finite number, got nan"),
+        ("runs", ["--q-lr", "inf"], "error: --q-lr must be a finite number, got inf"),
+        ("{file}/runs", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}/runs' "
+                            "('{file}' is not a folder)"),
+        ("{file}", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}' ('{file}' is "
+                       "not a folder)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("script", ["sac_fetch_equivariant.py", "sac_fetch_mlp.py"])
+def test_nan_or_inf_and_a_file_in_the_run_dir_exit_2_with_one_line_and_write_nothing(
+    script, run_dir, extra, message, tmp_path
+):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    args = ["--env-id", "FetchReach-v4", "--run-dir", str(tmp_path / run_dir.format(file=file)), "--run-name", "bad"]
+    result = run(script, args + extra, tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [message.format(file=file)]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and file.read_text() == "mine"
+
+
+TRAINS = {  # script -> how its --help opens, and the task family it names
+    "sac_fetch_equivariant.py": ("Train SAC + HER with D_N-equivariant networks", "Fetch"),
+    "sac_fetch_mlp.py": ("Train SAC + HER with MLP networks", "Fetch"),
+    "dqn_snake_equivariant.py": ("Train DQN (Double-DQN targets) with a D4- or C4-equivariant Q-network", "Snake"),
+    "dqn_snake_cnn.py": ("Train DQN (Double-DQN targets) with a CNN Q-network", "Snake"),
+    "ppo_atari.py": ("Train PPO", "Atari"),
+    "rpo_mujoco.py": ("Train RPO", "MuJoCo"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(TRAINS))
+def test_help_opens_with_one_line_saying_what_the_script_trains(script, tmp_path):
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    usage, blank, first, after, *_ = result.stdout.splitlines()
+    opening, task = TRAINS[script]
+    assert usage.startswith("usage: ") and script in usage and blank == "" and after == ""  # one line, then blank
+    assert first.startswith(opening) and task in first and first.endswith(".") and len(first) <= 120
+
+
+SHARED = ("StopRequest", "Interrupted", "check_finite_floats", "check_run_dir", "resume_state", "atomic_torch_save")
+
+
+def top_level_sources(path: str) -> dict:
+    """name -> source text of every top-level function and class of a script, and "__main__" -> its main block."""
+    with open(path) as f:
+        text = f.read()
+    tree = ast.parse(text)
+    sources = {node.name: ast.get_source_segment(text, node) for node in tree.body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}  # fmt: skip
+    sources["__main__"] = ast.get_source_segment(text, tree.body[-1])
+    return sources
+
+
+def test_the_signal_input_and_resume_plumbing_is_one_text_in_every_script():
+    """So that Ctrl-C, SIGUSR1/SIGTERM, bad input and resume behave alike in every script (docs/conventions.md)."""
+    sources = {script: top_level_sources(os.path.join(ROOT, script)) for script in TRAINS}
+    for name in (*SHARED, "__main__"):
+        texts = {script: found[name] for script, found in sources.items()}
+        assert len(set(texts.values())) == 1, f"{name} differs between {sorted(texts)}"
+
+
+def test_the_readme_offers_a_cpu_only_install_line_after_the_default_one_with_the_same_torch():
+    """.ci/run runs the first README line that starts with `pip install -r requirements.txt`: the default line must
+    stay first and the CPU-only lines (README, docs/cluster.md) must not start so; they are a manual check."""
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        (torch_pin,) = [line.split("#")[0].strip() for line in f if line.startswith("torch==")]
+    for doc in ("README.md", "docs/cluster.md"):
+        with open(os.path.join(ROOT, doc)) as f:
+            lines = f.read().splitlines()
+        default = next(i for i, line in enumerate(lines) if line.startswith("pip install -r requirements.txt"))
+        cpu = next(i for i, line in enumerate(lines) if "download.pytorch.org/whl/cpu" in line)
+        assert default < cpu and "--index-url" not in lines[default], doc
+        assert lines[cpu].startswith(f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu && ")
+        assert "&& pip install -r requirements.txt && pip install --no-deps escnn==1.0.11" in lines[cpu], doc

@@ -1,7 +1,7 @@
 """dqn_snake_equivariant.py and its twin dqn_snake_cnn.py: the exact D4 (and C4) equivariance of the Q-network on real
 boards, the map from its output channels to the moves, the escnn target network's filter cache, the Double-DQN
-update, the schedules, and both scripts end to end: smoke runs past learning_starts, exact resume after SIGUSR1, bad
-input. The symmetries are NumPy's (np.rot90, np.flip: tests/test_snake_env.py's BoardSymmetry), not escnn's."""
+update, the schedules, and both scripts end to end: smoke runs past learning_starts, exact resume after SIGUSR1, Ctrl-C,
+bad input. The symmetries are NumPy's (np.rot90, np.flip: tests/test_snake_env.py's BoardSymmetry), not escnn's."""
 
 import dataclasses
 import glob
@@ -271,6 +271,8 @@ BAD_ARGS = [
     ({"target_network_frequency": 0}, "--target-network-frequency must be >= 1, got 0"),
     ({"step_cost": -0.1}, "--step-cost must be >= 0, got -0.1"),
     ({"gamma": 1.0}, "--gamma must be in [0, 1), got 1.0"),
+    ({"step_cost": float("inf")}, "--step-cost must be a finite number, got inf"),
+    ({"learning_rate": float("nan")}, "--learning-rate must be a finite number, got nan"),
 ]
 
 
@@ -356,6 +358,8 @@ def test_training_runs_past_learning_starts_logs_and_saves_a_model_that_evaluate
     again = m.evaluate_checkpoint(os.path.join(run_path, "model.pt"), eval_episodes=2, seed=3 + 1_000_000)
     for key in ("eval/score", "eval/length", "eval/return"):  # the saved agent replays the last evaluation
         assert again[key] == pytest.approx(records[-1][key]), key
+    checkpoint = os.path.join(run_path, "checkpoint.pt")  # the training checkpoint holds the same agent
+    assert m.evaluate_checkpoint(checkpoint, eval_episodes=2, seed=3 + 1_000_000) == again
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
@@ -466,6 +470,53 @@ def test_bad_values_exit_2_with_one_line_before_any_folder_is_made(script, extra
     (line,) = result.stderr.splitlines()
     assert line.startswith(message)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "extra", "message"),
+    [
+        ("runs", ["--step-cost", "inf"], "error: --step-cost must be a finite number, got inf"),
+        ("runs", ["--learning-rate", "nan"], "error: --learning-rate must be a finite number, got nan"),
+        ("{file}/runs", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}/runs' "
+                            "('{file}' is not a folder)"),
+        ("{file}", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}' ('{file}' is "
+                       "not a folder)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("script", ["eq", "cnn"])
+def test_nan_or_inf_and_a_file_in_the_run_dir_exit_2_with_one_line_and_write_nothing(
+    script, run_dir, extra, message, tmp_path
+):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    result = run(script, train_args(script, tmp_path / run_dir.format(file=file), "bad") + extra, tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [message.format(file=file)]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and file.read_text() == "mine"
+
+
+def test_a_first_sigint_checkpoints_after_the_vector_step_exits_3_and_the_same_run_name_resumes(tmp_path):
+    """Ctrl-C acts as SIGUSR1: a checkpoint after the current vector step, exit code 3 and one line that says how to
+    resume; the same command resumes the run, which then ends normally."""
+    args = train_args("cnn", tmp_path / "runs", "ctrl-c")
+    proc = start("cnn", args, tmp_path)
+    run_path = tmp_path / "runs" / "ctrl-c"
+    deadline = time.time() + 300
+    while not (run_path / "config.json").exists():  # the handlers are installed before the run folder is made
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 3, stderr[-3000:]
+    stopped_at = load(run_path / "checkpoint.pt")["global_step"]
+    assert stopped_at < TOTAL and stopped_at % 4 == 0
+    assert (f"[ctrl-c] stopped by SIGINT at global_step {stopped_at}: checkpoint written to {run_path}/checkpoint.pt; "
+            "to resume, rerun the same command with --run-name ctrl-c") in stderr.splitlines()  # fmt: skip
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    resumed = run("cnn", args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from global_step {stopped_at}" in resumed.stderr
+    assert load(run_path / "checkpoint.pt")["global_step"] == TOTAL
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_run_folder(tmp_path):

@@ -1,6 +1,6 @@
 """ppo_atari.py: GAE against its definition, truncation bootstrapping where the right value is known, the two vector
 env paths frame for frame, raw full-game scores, end-to-end runs on the real emulator, exact resume after SIGUSR1
-(gymnasium path), restarted games on resume (ale-py path) and bad input."""
+(gymnasium path), restarted games on resume (ale-py path), Ctrl-C and bad input."""
 
 import dataclasses
 import glob
@@ -205,6 +205,8 @@ def test_training_runs_three_updates_and_logs_cleanrl_metrics_and_json_lines(tmp
     assert all(length >= 100 for _, length in scalars(run_path, "charts/episodic_length"))
     again = m.evaluate_checkpoint(os.path.join(run_path, "model.pt"), eval_episodes=2, seed=2 + 1_000_000)
     assert again["global_step"] == 768 and again["eval/return"] == records[-1]["eval/return"]
+    checkpoint = os.path.join(run_path, "checkpoint.pt")  # the training checkpoint holds the same agent
+    assert m.evaluate_checkpoint(checkpoint, eval_episodes=2, seed=2 + 1_000_000) == again
 
 
 def assert_same_agent(a: dict, b: dict):
@@ -256,6 +258,30 @@ def test_gymnasium_path_stopped_by_sigusr1_and_resumed_equals_the_uninterrupted_
         assert scalars(run_path, tag) == scalars(ref_path, tag), tag
 
 
+def test_a_first_sigint_checkpoints_at_the_update_boundary_exits_3_and_the_same_run_name_resumes(tmp_path):
+    """Ctrl-C acts as SIGUSR1: the update ends, a checkpoint is written, exit code 3 and one line that says how to
+    resume; the same command resumes the run, which then ends normally."""
+    args = script_args(tmp_path / "runs", 3 * UPDATE, ["--run-name", "ctrl-c"])
+    proc = start(args, tmp_path)
+    run_path = tmp_path / "runs" / "ctrl-c"
+    deadline = time.time() + 120
+    while not (run_path / "config.json").exists():  # the handlers are installed before the run folder is made
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-3000:]
+    stopped_at = load(run_path / "checkpoint.pt")["global_step"]
+    assert UPDATE <= stopped_at < 3 * UPDATE and stopped_at % UPDATE == 0
+    assert (f"[ctrl-c] stopped by SIGINT at global_step {stopped_at}: checkpoint written to {run_path}/checkpoint.pt; "
+            "to resume, rerun the same command with --run-name ctrl-c") in stderr.splitlines()  # fmt: skip
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    resumed = run(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from global_step {stopped_at}" in resumed.stderr
+    assert load(run_path / "checkpoint.pt")["global_step"] == 3 * UPDATE
+
+
 def test_ale_path_resume_restarts_the_games_and_continues_counters_evaluations_and_curves(tmp_path):
     args = script_args(tmp_path / "runs", 3 * UPDATE, ["--run-name", "r", "--no-anneal-lr"])
     first = run(args[:1] + [str(2 * UPDATE)] + args[2:], tmp_path)  # a finished run of 2 updates, extended to 3
@@ -283,6 +309,8 @@ BAD_ARGS = [
     ({"target_kl": -0.1}, "--target-kl must be > 0 (or None), got -0.1"),
     ({"eval_episodes": 0}, "--eval-episodes must be >= 1, got 0"),
     ({"num_envs": 0}, "--num-envs must be >= 1, got 0"),
+    ({"ent_coef": float("nan")}, "--ent-coef must be a finite number, got nan"),
+    ({"max_grad_norm": float("inf")}, "--max-grad-norm must be a finite number, got inf"),
 ]
 
 
@@ -305,6 +333,26 @@ def test_bad_env_id_exits_2_with_one_line_and_writes_nothing(tmp_path):
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: unknown --env-id 'Pong-v4'; supported:")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "extra", "message"),
+    [
+        ("runs", ["--ent-coef", "nan"], "error: --ent-coef must be a finite number, got nan"),
+        ("runs", ["--max-grad-norm", "inf"], "error: --max-grad-norm must be a finite number, got inf"),
+        ("{file}/runs", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}/runs' "
+                            "('{file}' is not a folder)"),
+        ("{file}", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}' ('{file}' is "
+                       "not a folder)"),
+    ],
+)  # fmt: skip
+def test_nan_or_inf_and_a_file_in_the_run_dir_exit_2_with_one_line_and_write_nothing(run_dir, extra, message, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    result = run(script_args(tmp_path / run_dir.format(file=file), extra=["--run-name", "bad", *extra]), tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [message.format(file=file)]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and file.read_text() == "mine"
 
 
 @pytest.mark.parametrize("mode", ["ale", "async"])

@@ -1,6 +1,7 @@
 """Checkpoints and resume on the real simulator with real signals: a run stopped by SIGUSR1 and resumed equals the
-uninterrupted run bit for bit, a kill -9 during a checkpoint write leaves the previous checkpoint loadable, and a
-resume with other arguments changes nothing."""
+uninterrupted run bit for bit, a first Ctrl-C stops a run as SIGUSR1 does and a second one aborts at once, a kill -9
+during a checkpoint write leaves the previous checkpoint loadable, and a resume with other arguments changes
+nothing."""
 
 import glob
 import hashlib
@@ -117,6 +118,50 @@ def test_run_stopped_by_sigusr1_and_resumed_equals_the_uninterrupted_run(script,
     assert final["global_step"] == TOTAL and final["eval_idx"] == 3
 
 
+def test_a_first_sigint_checkpoints_at_the_episode_end_exits_3_and_the_same_run_name_resumes(tmp_path):
+    """Ctrl-C acts as SIGUSR1: the episode ends, a checkpoint is written, exit code 3 and one line that says how to
+    resume; the same command resumes the run (before, a KeyboardInterrupt left a folder without a checkpoint)."""
+    args = train_args("mlp", tmp_path / "runs", "ctrl-c")
+    proc = start("mlp", args, tmp_path)
+    run_path = tmp_path / "runs" / "ctrl-c"
+    wait_for((run_path / "config.json").exists, proc)  # the handlers are installed before the run folder is made
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-3000:]
+    stopped_at = load(run_path / "checkpoint.pt")["global_step"]
+    assert 0 < stopped_at < TOTAL and stopped_at % 50 == 0  # at an episode boundary, before the end
+    assert (f"[ctrl-c] stopped by SIGINT at global_step {stopped_at}: checkpoint written to {run_path}/checkpoint.pt; "
+            "to resume, rerun the same command with --run-name ctrl-c") in stderr.splitlines()  # fmt: skip
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    resumed = run("mlp", args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from global_step {stopped_at}" in resumed.stderr
+    assert load(run_path / "checkpoint.pt")["global_step"] == TOTAL
+
+
+def test_a_second_sigint_aborts_at_once_by_sigint_with_its_env_workers_and_without_a_traceback(tmp_path):
+    """Slow updates (wide networks, large batches, from step 100 on) make the episode after the step-100 checkpoint
+    take seconds, so that the second Ctrl-C comes before its end; the async env workers die with the run instead of
+    reporting their pipes closed."""
+    args = train_args("mlp", tmp_path / "runs", "aborted", nets=["--hidden-sizes", "1024", "1024"])
+    args = replace_arg(replace_arg(args, "--checkpoint-frequency", "50"), "--batch-size", "256")
+    proc = start("mlp", [*args, "--vector-env-mode", "async", "--num-envs", "2"], tmp_path)
+    checkpoint = tmp_path / "runs" / "aborted" / "checkpoint.pt"
+    wait_for(checkpoint.exists, proc)  # at step 100: both envs end their first episode together
+    proc.send_signal(signal.SIGINT)
+    lines = [proc.stderr.readline()]
+    while "Ctrl-C again aborts at once" not in lines[-1]:
+        assert lines[-1], f"no notice of the first SIGINT: {lines}"
+        lines.append(proc.stderr.readline())
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)  # returns once the workers too have closed their end of stderr
+    stderr = "".join(lines) + rest
+    assert proc.returncode == -signal.SIGINT, stderr[-3000:]  # the shell's exit status 130
+    assert stderr.splitlines()[-1] == "SIGINT again: aborted without a new checkpoint"
+    assert "Traceback" not in stderr and "stopped by" not in stderr
+    assert load(checkpoint)["global_step"] == 100  # the last checkpoint is kept: the same command resumes from it
+
+
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     """Wide networks make each checkpoint large enough (about 90 MB) to be caught in the middle of its write."""
     wide = ["--hidden-sizes", "1024", "1024"]
@@ -198,8 +243,9 @@ def test_a_run_folder_without_checkpoint_exits_2(tmp_path):
     result = run("mlp", train_args("mlp", tmp_path / "runs", "taken"), tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"error: run folder '{tmp_path / 'runs' / 'taken'}' exists and holds no checkpoint.pt to resume from; "
-        "choose another --run-name or --run-dir"
+        f"error: run folder '{tmp_path / 'runs' / 'taken'}' exists and holds no checkpoint.pt to resume from (its "
+        "run ended before its first checkpoint, or it is not a run folder): delete it or choose another --run-name "
+        "to start afresh"
     ]
     assert os.listdir(tmp_path / "runs" / "taken") == ["notes.txt"]
 

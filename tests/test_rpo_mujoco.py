@@ -1,6 +1,6 @@
 """rpo_mujoco.py: GAE against its definition, truncation bootstrapping where the right value is known, normalisation
 statistics saved and restored exactly and frozen at evaluation, MuJoCo states restored exactly, the NumPy acting copy
-against the torch agent, end-to-end runs on the real simulator, exact resume after SIGUSR1 and bad input."""
+against the torch agent, end-to-end runs on the real simulator, exact resume after SIGUSR1, Ctrl-C and bad input."""
 
 import dataclasses
 import glob
@@ -264,6 +264,8 @@ def test_training_runs_two_updates_logs_and_saves_the_statistics_with_the_model(
     assert torch.equal(stats["mean"], checkpoint["normalizer"]["obs_rms"]["mean"]) and stats["var"].min() > 0
     again = m.evaluate_checkpoint(os.path.join(run_path, "model.pt"), eval_episodes=2, seed=3 + 1_000_000)
     assert again["global_step"] == 512 and again["eval/return"] == pytest.approx(records[-1]["eval/return"])
+    checkpoint = os.path.join(run_path, "checkpoint.pt")  # the training checkpoint holds the same agent and statistics
+    assert m.evaluate_checkpoint(checkpoint, eval_episodes=2, seed=3 + 1_000_000) == again
 
 
 def test_run_stopped_by_sigusr1_and_resumed_equals_the_uninterrupted_run(tmp_path):
@@ -301,6 +303,30 @@ def test_run_stopped_by_sigusr1_and_resumed_equals_the_uninterrupted_run(tmp_pat
     assert scalars(run_path, "charts/episodic_length") == [(1000, 1000.0)]  # truncated at the time limit
 
 
+def test_a_first_sigint_checkpoints_at_the_update_boundary_exits_3_and_the_same_run_name_resumes(tmp_path):
+    """Ctrl-C acts as SIGUSR1: the update ends, a checkpoint is written, exit code 3 and one line that says how to
+    resume; the same command resumes the run, which then ends normally."""
+    args = script_args(tmp_path / "runs", "Hopper-v5", 2 * UPDATE, ["--run-name", "ctrl-c"])
+    proc = start(args, tmp_path)
+    run_path = tmp_path / "runs" / "ctrl-c"
+    deadline = time.time() + 120
+    while not (run_path / "config.json").exists():  # the handlers are installed before the run folder is made
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-3000:]
+    stopped_at = load(run_path / "checkpoint.pt")["global_step"]
+    assert UPDATE <= stopped_at < 2 * UPDATE and stopped_at % UPDATE == 0
+    assert (f"[ctrl-c] stopped by SIGINT at global_step {stopped_at}: checkpoint written to {run_path}/checkpoint.pt; "
+            "to resume, rerun the same command with --run-name ctrl-c") in stderr.splitlines()  # fmt: skip
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    resumed = run(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from global_step {stopped_at}" in resumed.stderr
+    assert load(run_path / "checkpoint.pt")["global_step"] == 2 * UPDATE
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------------
@@ -313,6 +339,8 @@ BAD_ARGS = [
     ({"gamma": 1.5}, "--gamma must be in [0, 1), got 1.5"),
     ({"gae_lambda": 1.5}, "--gae-lambda must be in [0, 1], got 1.5"),
     ({"update_epochs": 0}, "--update-epochs must be >= 1, got 0"),
+    ({"vf_coef": float("nan")}, "--vf-coef must be a finite number, got nan"),
+    ({"rpo_alpha": float("inf")}, "--rpo-alpha must be a finite number, got inf"),
 ]
 
 
@@ -333,6 +361,26 @@ def test_bad_env_id_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert result.stderr.splitlines() == ["error: --env-id must have a Box action space, got CartPole-v1 with "
                                           "Discrete(2)"]  # fmt: skip
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "extra", "message"),
+    [
+        ("runs", ["--vf-coef", "nan"], "error: --vf-coef must be a finite number, got nan"),
+        ("runs", ["--rpo-alpha", "inf"], "error: --rpo-alpha must be a finite number, got inf"),
+        ("{file}/runs", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}/runs' "
+                            "('{file}' is not a folder)"),
+        ("{file}", [], "error: --run-dir must be a folder or a path where one can be made, got '{file}' ('{file}' is "
+                       "not a folder)"),
+    ],
+)  # fmt: skip
+def test_nan_or_inf_and_a_file_in_the_run_dir_exit_2_with_one_line_and_write_nothing(run_dir, extra, message, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    result = run(script_args(tmp_path / run_dir.format(file=file), extra=["--run-name", "bad", *extra]), tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [message.format(file=file)]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and file.read_text() == "mine"
 
 
 def test_capture_video_saves_one_video_per_evaluation(tmp_path, monkeypatch):

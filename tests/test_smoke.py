@@ -90,6 +90,9 @@ def test_saved_model_evaluates_deterministically(script, tmp_path, request):
     final = json.loads(result.stdout.splitlines()[-2])  # the last periodic evaluation (the held-out line follows)
     again = m.evaluate_checkpoint(model, eval_episodes=2, seed=3 + 1_000_000)
     assert again["eval/return"] == pytest.approx(final["eval/return"], rel=1e-5)
+    # the training checkpoint, written after that evaluation, holds the same agent (the README evaluates it)
+    checkpoint = os.path.join(os.path.dirname(model), "checkpoint.pt")
+    assert m.evaluate_checkpoint(checkpoint, eval_episodes=2, seed=3 + 1_000_000) == again
 
 
 def test_capture_video_saves_one_video_per_evaluation(tmp_path, monkeypatch):
