@@ -16,4 +16,4 @@ for seed in 1 2 3; do
   done
 done
 python benchmarks/snake/ratio.py "$out"
-python compare_runs.py "$out" --metric eval/score --env-id Snake-v0 --out "$figure" --baseline dqn_snake_cnn
+python compare_runs.py "$out" --metric eval/score --env-id Snake-v0 --out "$figure" --baseline dqn_snake_cnn --crossing first
