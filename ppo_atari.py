@@ -111,7 +111,8 @@ class Args:
     target_kl: float | None = None
     """the target KL divergence threshold: an update stops after the epoch whose last minibatch exceeds it"""
     bf16: bool = False
-    """if toggled, the update's network passes run under bfloat16 autocast (CPUs with AVX512-BF16, GPUs); weights,
+    """if toggled, the update's network passes run under bfloat16 autocast (CPUs with AVX512-BF16 or AMX, GPUs; a
+    CPU without them emulates it, about 8x slower, and the run says so in one line); weights,
     optimizer states, losses and acting stay float32 (off: the float32 algorithm)"""
     torch_threads: int = 0
     """torch's intra-op threads; 0: torch's default (OMP_NUM_THREADS if set, else one per core)"""
@@ -920,6 +921,30 @@ class Progress:
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this machine's CPU multiplies bfloat16 in hardware: an x86 `flags` line with avx512_bf16 or amx_bf16,
+    or an ARM `Features` line with bf16 (Linux's /proc/cpuinfo). None where that cannot be told (no such file)."""
+    try:
+        with open(cpuinfo) as f:
+            lines = [line.split(":", 1) for line in f if line.startswith(("flags", "Features"))]
+    except OSError:
+        return None
+    flags = {flag for _, value in (line for line in lines if len(line) == 2) for flag in value.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) if lines else None
+
+
+def warn_emulated_bf16(bf16: bool, device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """One stderr line when --bf16 would run on a CPU without native bfloat16, where torch emulates it (measured 8x
+    slower than float32 on an AVX2-only CPU, docs/BENCHMARKS.md). Returns whether it warned."""
+    if not bf16 or device.type != "cpu" or native_bf16_cpu(cpuinfo) is not False:
+        return False
+    print(f"warning: --bf16 on a CPU without native bfloat16 (torch CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, no avx512_bf16/amx_bf16 flag): its products are emulated, "
+          "measured 8x slower than float32 on such a CPU; drop --bf16 unless you test bfloat16 numerics",
+          file=sys.stderr)  # fmt: skip
+    return True
+
+
 def main(args: Args) -> int:
     env_name = args.env_id.replace("/", "_")  # ALE/Breakout-v5 -> ALE_Breakout-v5
     args.run_name = args.run_name or f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -931,6 +956,7 @@ def main(args: Args) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    warn_emulated_bf16(args.bf16, device)
     try:
         lock = lock_run_folder(run_path)  # a run's folder: locked before its checkpoint is read (None: none yet)
         saved = resume_state(args, run_path)  # read and checked before anything is written

@@ -92,7 +92,8 @@ class Args:
     """gradient updates (critic updates) per environment transition after `learning_starts`: 0.25 is one update
     every 4 transitions; a vector step of `num_envs` transitions runs `num_envs * update_ratio` on average"""
     bf16: bool = False
-    """if toggled, the update's network passes run under bfloat16 autocast (CPUs with AVX512-BF16, GPUs); weights,
+    """if toggled, the update's network passes run under bfloat16 autocast (CPUs with AVX512-BF16 or AMX, GPUs; a
+    CPU without them emulates it, about 8x slower, and the run says so in one line); weights,
     optimizer states and losses stay float32 (off: the float32 algorithm)"""
     gamma: float = 0.95
     """the discount factor gamma"""
@@ -1505,6 +1506,30 @@ def build_agent(obs_fields, args: Args, device):
     return nets, opts, alpha_state
 
 
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this machine's CPU multiplies bfloat16 in hardware: an x86 `flags` line with avx512_bf16 or amx_bf16,
+    or an ARM `Features` line with bf16 (Linux's /proc/cpuinfo). None where that cannot be told (no such file)."""
+    try:
+        with open(cpuinfo) as f:
+            lines = [line.split(":", 1) for line in f if line.startswith(("flags", "Features"))]
+    except OSError:
+        return None
+    flags = {flag for _, value in (line for line in lines if len(line) == 2) for flag in value.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) if lines else None
+
+
+def warn_emulated_bf16(bf16: bool, device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """One stderr line when --bf16 would run on a CPU without native bfloat16, where torch emulates it (measured 8x
+    slower than float32 on an AVX2-only CPU, docs/BENCHMARKS.md). Returns whether it warned."""
+    if not bf16 or device.type != "cpu" or native_bf16_cpu(cpuinfo) is not False:
+        return False
+    print(f"warning: --bf16 on a CPU without native bfloat16 (torch CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, no avx512_bf16/amx_bf16 flag): its products are emulated, "
+          "measured 8x slower than float32 on such a CPU; drop --bf16 unless you test bfloat16 numerics",
+          file=sys.stderr)  # fmt: skip
+    return True
+
+
 def main(args: Args) -> int:
     retain_freed_memory()
     args.run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1515,6 +1540,7 @@ def main(args: Args) -> int:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    warn_emulated_bf16(args.bf16, device)
 
     try:
         if args.capture_video:
