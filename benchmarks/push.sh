@@ -20,7 +20,7 @@
 # The update-regime ablation (seed 1):
 #   bash benchmarks/push.sh runs/push_ablation 150000 1 mlp mlp:no_obs_norm mlp:gamma98_tau005 mlp:old_defaults
 # The MLP selection (seed 1 only, FetchPush-v4, 100k env steps; docs/BENCHMARKS.md, "Selecting the MLP"):
-#   bash benchmarks/push.sh runs/push_select 100000 1 mlp512 mlp400 mlp3x256 mlp
+#   bash benchmarks/push.sh runs/push_select 100000 1 mlp512 mlp400 mlp3x256 mlp mlp:symnorm mlp400:symnorm
 # The fixed-temperature ablation (alpha held at the fast seeds' 5e-3; seeds that were slow with the learned one):
 #   bash benchmarks/push.sh runs/push_alpha 100000 2 d4:alpha5e3 d4p:alpha5e3@4
 set -euo pipefail

@@ -1,0 +1,158 @@
+"""Regenerate the tables and figures of docs/BENCHMARKS.md that are made from committed run records.
+
+Records: `benchmarks/results/<study>/<run_name>/` holds a finished run's small files (`config.json`, `evals.jsonl`,
+`final_eval.json`; never checkpoints or events), copied from its run folder by `--collect` as soon as it ends. Each
+study in STUDIES names the command that made its runs and the `compare_runs.py` arguments of its table; the docs
+hold each table between `<!-- regenerated: NAME -->` and `<!-- /regenerated: NAME -->`.
+
+    python benchmarks/regenerate.py                     # rewrite docs/figures/NAME.{png,svg,md} and the docs' tables
+    python benchmarks/regenerate.py --check             # exit 1 naming every table that differs from its records
+    python benchmarks/regenerate.py --collect runs/push_select --study push_select   # copy finished runs' records
+
+Exit codes: 0 done (or no difference), 1 a table differs (`--check`), 2 bad input (one line `error: ...`).
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import compare_runs  # noqa: E402
+
+DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
+RESULTS = os.path.join("benchmarks", "results")
+RECORD_FILES = ("config.json", "evals.jsonl", "final_eval.json")
+
+
+@dataclass(frozen=True)
+class Study:
+    made_by: str  # the command that made the runs (script, flags, seeds, steps)
+    compare: tuple[str, ...]  # compare_runs.py arguments after the records folder
+
+
+STUDIES = {
+    "push_select": Study(
+        made_by="bash benchmarks/push.sh runs/push_select 100000 1 mlp512 mlp400 mlp3x256 mlp mlp:symnorm mlp400:symnorm",
+        compare=("--env-id", "FetchPush-v4", "--threshold", "0.5"),
+    ),
+    "push_fresh": Study(
+        made_by='bash benchmarks/push.sh runs/push_fresh 100000 "11 12 13 14 15" mlp d4p d8p',
+        compare=("--env-id", "FetchPush-v4", "--threshold", "0.5"),
+    ),
+}
+
+
+def study_command(name: str) -> list[str]:
+    """compare_runs.py's arguments for the study, its records folder first (a path relative to the repo root)."""
+    return [os.path.join(RESULTS, name), *STUDIES[name].compare, "--out", os.path.join("docs", "figures", name)]
+
+
+def regenerate(name: str, write_figure: bool) -> str:
+    """The study's docs block: the command that made the runs, then compare_runs' table of the committed records."""
+    argv = study_command(name)
+    args = compare_runs.tyro.cli(compare_runs.Args, args=argv)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # relative paths: the table reads the same from any working directory
+    try:
+        comp = compare_runs.compare(args)
+        table = compare_runs.format_table(comp, "python compare_runs.py " + shlex.join(argv))
+        if write_figure:
+            compare_runs.write_outputs(comp, args.out, table)
+    finally:
+        os.chdir(cwd)
+    return f"Runs made by `{STUDIES[name].made_by}`; records in `{RESULTS}/{name}/`.\n\n{table}"
+
+
+def block_pattern(name: str) -> re.Pattern:
+    name = re.escape(name)
+    return re.compile(rf"(<!-- regenerated: {name} -->\n)(.*?)(<!-- /regenerated: {name} -->)", re.S)
+
+
+def doc_block(text: str, name: str) -> str | None:
+    match = block_pattern(name).search(text)
+    return None if match is None else match.group(2)
+
+
+def check() -> list[str]:
+    """Names of the studies whose docs block (or docs/figures/NAME.md) is missing or differs from its regeneration."""
+    with open(DOC) as f:
+        text = f.read()
+    stale = []
+    for name in STUDIES:
+        block = regenerate(name, write_figure=False)
+        figure_md = os.path.join(ROOT, "docs", "figures", f"{name}.md")
+        table = block.split("\n\n", 1)[1]
+        on_disk = open(figure_md).read() if os.path.exists(figure_md) else None
+        if doc_block(text, name) != block or on_disk != table:
+            stale.append(name)
+    return stale
+
+
+def write_all() -> None:
+    with open(DOC) as f:
+        text = f.read()
+    for name in STUDIES:
+        block = regenerate(name, write_figure=True)
+        if doc_block(text, name) is None:
+            raise SystemExit(f"error: {DOC} lacks <!-- regenerated: {name} --> ... <!-- /regenerated: {name} -->")
+        text = block_pattern(name).sub(lambda m, b=block: m.group(1) + b + m.group(3), text)
+        print(f"regenerated {name}", file=sys.stderr)
+    with open(DOC, "w") as f:
+        f.write(text)
+
+
+def collect(runs_dir: str, study: str) -> int:
+    """Copy the records of every finished run under `runs_dir` (a folder with final_eval.json) into the study's
+    records folder; unfinished runs are skipped with a line. Returns the number of runs copied."""
+    copied = 0
+    for entry in sorted(os.listdir(runs_dir)):
+        src = os.path.join(runs_dir, entry)
+        if not os.path.isfile(os.path.join(src, "config.json")):
+            continue
+        if not os.path.isfile(os.path.join(src, "final_eval.json")):
+            print(f"skipped {src}: unfinished (no final_eval.json)", file=sys.stderr)
+            continue
+        with open(os.path.join(src, "final_eval.json")) as f:
+            json.load(f)  # a torn file is not a record
+        dst = os.path.join(ROOT, RESULTS, study, entry)
+        os.makedirs(dst, exist_ok=True)
+        for name in RECORD_FILES:
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        copied += 1
+        print(f"collected {dst}", file=sys.stderr)
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="compare the docs' tables with their regeneration")
+    parser.add_argument("--collect", metavar="RUNS_DIR", help="copy the finished runs' records of RUNS_DIR")
+    parser.add_argument("--study", help="the study --collect copies into (a folder name under benchmarks/results)")
+    args = parser.parse_args(argv)
+    if args.collect:
+        if not args.study or "/" in args.study or args.study.strip(".") == "":
+            print(f"error: --collect needs --study NAME (a folder name), got {args.study!r}", file=sys.stderr)
+            return 2
+        if not os.path.isdir(args.collect):
+            print(f"error: --collect {args.collect!r} is not a folder", file=sys.stderr)
+            return 2
+        collect(args.collect, args.study)
+        return 0
+    if args.check:
+        stale = check()
+        for name in stale:
+            print(f"{name}: the table in docs differs from its records; run python benchmarks/regenerate.py",
+                  file=sys.stderr)  # fmt: skip
+        return 1 if stale else 0
+    write_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
