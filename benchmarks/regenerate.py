@@ -38,7 +38,8 @@ class Study:
 
 STUDIES = {
     "push_select": Study(
-        made_by="bash benchmarks/push.sh runs/push_select 100000 1 mlp512 mlp400 mlp3x256 mlp mlp:symnorm mlp400:symnorm",
+        made_by="bash benchmarks/push.sh runs/push_select 100000 1 mlp512 mlp400 mlp3x256 mlp mlp:symnorm "
+        "mlp400:symnorm",
         compare=("--env-id", "FetchPush-v4", "--threshold", "0.5"),
     ),
     "push_fresh": Study(
