@@ -127,9 +127,9 @@ class Args:
     # Network arguments
     hidden_sizes: tuple[int, ...] = (256, 256)
     """widths of the hidden layers of the actor and of each critic"""
-    obs_norm_form: Literal["coordinate", "symmetric"] = "coordinate"
-    """the normaliser's form: `coordinate`, per-coordinate running mean/std (HER baselines); `symmetric`, the
-    equivariant twin's D_N-symmetric form (an ablation)"""
+    obs_norm_form: Literal["coordinate", "symmetric"] = "symmetric"
+    """the normaliser's form: `symmetric`, the equivariant twin's D_N-symmetric form (selected on seed 1: see
+    docs/BENCHMARKS.md, "The fair comparison"); `coordinate`, per-coordinate running mean/std (HER baselines)"""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -389,10 +389,10 @@ class Actor(torch.nn.Module):
 class ObservationNormalizer(torch.nn.Module):
     """Running normalisation of the network inputs (observation fields, then the goal), in one of two forms:
 
-    `coordinate` (the default): every input coordinate x -> (x - mean) / std, clipped elementwise to `clip`, as in
-    the HER baselines (Plappert et al. 2018; OpenAI baselines' her: running mean/std, eps 0.01, clip 5).
-    `symmetric`: the equivariant twin's form, which commutes with D_N (the ablation): per field kind (see
-    `to_base_frame`)
+    `coordinate`: every input coordinate x -> (x - mean) / std, clipped elementwise to `clip`, as in the HER
+    baselines (Plappert et al. 2018; OpenAI baselines' her: running mean/std, eps 0.01, clip 5).
+    `symmetric` (the script's default, `Args.obs_norm_form`, selected on seed 1: docs/BENCHMARKS.md): the
+    equivariant twin's form, which commutes with D_N: per field kind (see `to_base_frame`)
 
         scalar        (x - mean) / std
         pseudoscalar  x / sqrt(E[x^2])                     no shift: the mirror negates it

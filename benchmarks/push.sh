@@ -4,7 +4,7 @@
 # time.
 # Usage: bash benchmarks/push.sh OUT_DIR STEPS "SEEDS" RUN [RUN ...]
 #   RUN is AGENT[:CONFIG][@SEED] (@SEED: that seed only, instead of SEEDS). AGENT: mlp (sac_fetch_mlp.py,
-#   256x256), d4 (sac_fetch_equivariant.py --reg-rep-n 32: D_4 at the MLP's width, 2 x 256 channels), d8
+#   256x256, symmetric normaliser: its defaults), d4 (sac_fetch_equivariant.py --reg-rep-n 32: D_4 at the MLP's width, 2 x 256 channels), d8
 #   (--dihedral-n 8 --reg-rep-n 32, 2 x 512 channels), d4p (D_4 with --reg-rep-n 90: the MLP's parameter count, the
 #   script's default), d8p (D_8 with --reg-rep-n 64: the same parameter count, 2 x 1024 channels, the default for
 #   --dihedral-n 8); mlp512, mlp3x256 and mlp400 are the MLP selection's candidates (--hidden-sizes 512 512,
@@ -45,6 +45,7 @@ declare -A CONFIG=(
   [ratio025_entropy0]="--update-ratio 0.25 --target-entropy 0"
   [alpha5e3]="--no-autotune --alpha 0.005"
   [symnorm]="--obs-norm-form symmetric"
+  [coordnorm]="--obs-norm-form coordinate"
 )
 export OMP_NUM_THREADS=1
 mkdir -p "$out"

@@ -34,12 +34,14 @@ RECORD_FILES = ("config.json", "evals.jsonl", "final_eval.json")
 class Study:
     made_by: str  # the command that made the runs (script, flags, seeds, steps)
     compare: tuple[str, ...]  # compare_runs.py arguments after the records folder
+    made_at: str = ""  # the commit to check out first, where today's defaults would make other runs
 
 
 STUDIES = {
     "push_select": Study(
         made_by="bash benchmarks/push.sh runs/push_select 100000 1 mlp512 mlp400 mlp3x256 mlp mlp:symnorm "
         "mlp400:symnorm",
+        made_at="commit 68d7da6, where the MLP's default normaliser was still the per-coordinate one",
         compare=("--env-id", "FetchPush-v4", "--threshold", "0.5"),
     ),
     "push_fresh": Study(
@@ -67,7 +69,9 @@ def regenerate(name: str, write_figure: bool) -> str:
             compare_runs.write_outputs(comp, args.out, table)
     finally:
         os.chdir(cwd)
-    return f"Runs made by `{STUDIES[name].made_by}`; records in `{RESULTS}/{name}/`.\n\n{table}"
+    study = STUDIES[name]
+    at = f" at {study.made_at}" if study.made_at else ""
+    return f"Runs made by `{study.made_by}`{at}; records in `{RESULTS}/{name}/`.\n\n{table}"
 
 
 def block_pattern(name: str) -> re.Pattern:

@@ -107,10 +107,10 @@ def test_the_equivariant_twin_offers_only_the_symmetric_form(eq):
     assert eq.observation_normalizer(eq.OBJECT_FIELDS + eq.GOAL_FIELDS, args).form == "symmetric"
 
 
-def test_the_mlp_defaults_to_the_per_coordinate_form_and_keeps_the_symmetric_one_selectable(mlp):
+def test_the_mlp_defaults_to_the_selected_symmetric_form_and_keeps_the_per_coordinate_one_selectable(mlp):
     fields = mlp.OBJECT_FIELDS + mlp.GOAL_FIELDS
-    assert mlp.observation_normalizer(fields, mlp.Args()).form == "coordinate"
-    assert mlp.observation_normalizer(fields, mlp.Args(obs_norm_form="symmetric")).form == "symmetric"
+    assert mlp.observation_normalizer(fields, mlp.Args()).form == "symmetric"
+    assert mlp.observation_normalizer(fields, mlp.Args(obs_norm_form="coordinate")).form == "coordinate"
 
 
 def collect_push_observations(mod, steps: int = 1000) -> np.ndarray:
