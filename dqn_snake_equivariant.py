@@ -24,7 +24,6 @@ import signal
 import socket
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Literal, NamedTuple
 
@@ -35,11 +34,6 @@ import torch.nn.functional as F
 import torch.optim as optim
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-
-# escnn's warning that py3nj is missing is known and harmless: only SO(3) needs py3nj, D4 and C4 never do
-warnings.filterwarnings("ignore", message="`py3nj` package not found", category=UserWarning)
-from escnn import gspaces  # noqa: E402
-from escnn import nn as enn  # noqa: E402
 
 
 @dataclass
@@ -315,6 +309,14 @@ def make_eval_envs(args: Args, n: int, capture_video: bool = False, video_dir: s
 # ---------------------------------------------------------------------------------------------------------------------
 # Networks: a D4- (or C4-) equivariant Q-network (escnn) whose output field permutes the 4 moves
 # ---------------------------------------------------------------------------------------------------------------------
+# escnn is imported here, in the one section that uses it, so that the twins differ only in this section. Its warning
+# that py3nj is missing is known and harmless: only SO(3) needs py3nj, D4 and C4 never do.
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="`py3nj` package not found", category=UserWarning)
+from escnn import gspaces  # noqa: E402
+from escnn import nn as enn  # noqa: E402
+
 NETWORK_ARGS = ("group", "reg_rep_n")
 # Channel c of the output field holds the Q-value of move MOVE_OF_CHANNEL[c]. escnn's rotation generator moves channel
 # c to c + 1 (mod 4) and np.rot90 turns UP into LEFT, LEFT into DOWN, ...; its mirror fixes channels 0 and 2, np.flip

@@ -20,7 +20,6 @@ import signal
 import socket
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
@@ -34,14 +33,11 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 # Known-harmless import-time noise, silenced exactly: gymnasium-robotics' notice about the AdroitHand v1 rewards (this
-# script uses only Fetch) and escnn's warning that py3nj is missing (only SO(3) needs it; D_N never does).
+# script uses only Fetch).
 _robotics_notices = farama_notifications.notifications.get("gymnasium_robotics", {})
 for _version in [v for v, text in _robotics_notices.items() if text.startswith("AdroitHand")]:
     del _robotics_notices[_version]
-warnings.filterwarnings("ignore", message="`py3nj` package not found", category=UserWarning)
 import gymnasium_robotics  # noqa: E402
-from escnn import group, gspaces  # noqa: E402
-from escnn import nn as enn  # noqa: E402
 from gymnasium_robotics.utils import rotations  # noqa: E402
 
 
@@ -302,6 +298,15 @@ def make_vector_env(env_id: str, num_envs: int, mode: str, capture_video: bool =
 # ---------------------------------------------------------------------------------------------------------------------
 # Networks: D_N-equivariant actor, D_N-invariant critic (escnn)
 # ---------------------------------------------------------------------------------------------------------------------
+# escnn is imported here, in the one section that uses it, so that the twins differ only in this section. Its warning
+# that py3nj is missing is known and harmless: only SO(3) needs py3nj, D_N never does.
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="`py3nj` package not found", category=UserWarning)
+from escnn import group, gspaces  # noqa: E402
+from escnn import nn as enn  # noqa: E402
+
+
 def planar_vector_rep(G: group.DihedralGroup) -> group.Representation:
     """The "vector" kind: O(2)'s standard representation restricted to D_N (rotation by 2*pi*k/N, flip y -> -y).
 
