@@ -645,7 +645,7 @@ def load_saved(path: str) -> dict:
     """Load a `model.pt` or `checkpoint.pt` written by this script (tensors and plain Python only).
 
     Raises:
-        ValueError: if the file was saved by another script (e.g. this script's twin), naming that script.
+        ValueError: if the file was saved by another script (a twin, say), naming that script.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     foreign = sorted(set(state["args"]) - set(Args.__dataclass_fields__))
@@ -773,11 +773,11 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     return state
 
 
-def is_complete(run_path: str, total_timesteps: int) -> bool:
-    """Whether the run already ended at `total_timesteps` (its final_eval.json says so)."""
+def is_complete(run_path: str, last_step: int) -> bool:
+    """Whether the run already ended at `last_step`, its last global_step (its final_eval.json says so)."""
     try:
         with open(os.path.join(run_path, "final_eval.json")) as f:
-            return json.load(f)["global_step"] >= total_timesteps
+            return json.load(f)["global_step"] >= last_step
     except FileNotFoundError:
         return False
 
@@ -905,17 +905,19 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines)."""
+    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines): the step,
+    SPS and the value of `metric` (e.g. "eval/return") in the latest evaluation record."""
 
-    def __init__(self, run_name: str, total: int, interval_s: float = 30.0):
-        self.run_name, self.total, self.interval_s = run_name, total, interval_s
+    def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
+        self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
         self.last = time.time()
 
-    def maybe_print(self, global_step: int, sps: int, last_score) -> None:
+    def maybe_print(self, global_step: int, sps: int, last_eval: dict | None) -> None:
         if time.time() - self.last >= self.interval_s:
             self.last = time.time()
+            value = (last_eval or {}).get(self.metric)
             print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last eval score {last_score}", file=sys.stderr, flush=True)  # fmt: skip
+                  f"SPS {sps} last {self.metric} {value}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1054,7 +1056,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
     """The DQN loop, from `loop`'s counters to `total_timesteps`. Returns the final evaluation record (also printed
     as a JSON line). Raises Interrupted after the checkpoint that a SIGUSR1/SIGTERM asked for."""
     nets = agent[0]
-    progress = Progress(args.run_name, args.total_timesteps)
+    progress = Progress(args.run_name, args.total_timesteps, "eval/score")
     start_time, start_step = time.time(), loop.global_step
     while loop.global_step < args.total_timesteps:
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, loop.global_step)
@@ -1074,7 +1076,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
             if loop.update_idx % 100 == 0:
                 sps = int((loop.global_step - start_step) / (time.time() - start_time))
                 log_training(writer, logs, epsilon, args, loop.global_step, sps)
-                progress.maybe_print(loop.global_step, sps, (loop.last_eval or {}).get("eval/score"))
+                progress.maybe_print(loop.global_step, sps, loop.last_eval)
 
         if loop.global_step >= loop.next_eval or loop.global_step >= args.total_timesteps:
             loop.last_eval = run_evaluation(args, agent, eval_envs, loop, writer, run_path, device)

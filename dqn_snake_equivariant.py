@@ -24,7 +24,6 @@ import signal
 import socket
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Literal, NamedTuple
 
@@ -35,11 +34,6 @@ import torch.nn.functional as F
 import torch.optim as optim
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-
-# escnn's warning that py3nj is missing is known and harmless: only SO(3) needs py3nj, D4 and C4 never do
-warnings.filterwarnings("ignore", message="`py3nj` package not found", category=UserWarning)
-from escnn import gspaces  # noqa: E402
-from escnn import nn as enn  # noqa: E402
 
 
 @dataclass
@@ -315,6 +309,14 @@ def make_eval_envs(args: Args, n: int, capture_video: bool = False, video_dir: s
 # ---------------------------------------------------------------------------------------------------------------------
 # Networks: a D4- (or C4-) equivariant Q-network (escnn) whose output field permutes the 4 moves
 # ---------------------------------------------------------------------------------------------------------------------
+# escnn is imported here, in the one section that uses it, so that the twins differ only in this section. Its warning
+# that py3nj is missing is known and harmless: only SO(3) needs py3nj, D4 and C4 never do.
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="`py3nj` package not found", category=UserWarning)
+from escnn import gspaces  # noqa: E402
+from escnn import nn as enn  # noqa: E402
+
 NETWORK_ARGS = ("group", "reg_rep_n")
 # Channel c of the output field holds the Q-value of move MOVE_OF_CHANNEL[c]. escnn's rotation generator moves channel
 # c to c + 1 (mod 4) and np.rot90 turns UP into LEFT, LEFT into DOWN, ...; its mirror fixes channels 0 and 2, np.flip
@@ -690,7 +692,7 @@ def load_saved(path: str) -> dict:
     """Load a `model.pt` or `checkpoint.pt` written by this script (tensors and plain Python only).
 
     Raises:
-        ValueError: if the file was saved by another script (e.g. this script's twin), naming that script.
+        ValueError: if the file was saved by another script (a twin, say), naming that script.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     foreign = sorted(set(state["args"]) - set(Args.__dataclass_fields__))
@@ -818,11 +820,11 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     return state
 
 
-def is_complete(run_path: str, total_timesteps: int) -> bool:
-    """Whether the run already ended at `total_timesteps` (its final_eval.json says so)."""
+def is_complete(run_path: str, last_step: int) -> bool:
+    """Whether the run already ended at `last_step`, its last global_step (its final_eval.json says so)."""
     try:
         with open(os.path.join(run_path, "final_eval.json")) as f:
-            return json.load(f)["global_step"] >= total_timesteps
+            return json.load(f)["global_step"] >= last_step
     except FileNotFoundError:
         return False
 
@@ -950,17 +952,19 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines)."""
+    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines): the step,
+    SPS and the value of `metric` (e.g. "eval/return") in the latest evaluation record."""
 
-    def __init__(self, run_name: str, total: int, interval_s: float = 30.0):
-        self.run_name, self.total, self.interval_s = run_name, total, interval_s
+    def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
+        self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
         self.last = time.time()
 
-    def maybe_print(self, global_step: int, sps: int, last_score) -> None:
+    def maybe_print(self, global_step: int, sps: int, last_eval: dict | None) -> None:
         if time.time() - self.last >= self.interval_s:
             self.last = time.time()
+            value = (last_eval or {}).get(self.metric)
             print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last eval score {last_score}", file=sys.stderr, flush=True)  # fmt: skip
+                  f"SPS {sps} last {self.metric} {value}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1099,7 +1103,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
     """The DQN loop, from `loop`'s counters to `total_timesteps`. Returns the final evaluation record (also printed
     as a JSON line). Raises Interrupted after the checkpoint that a SIGUSR1/SIGTERM asked for."""
     nets = agent[0]
-    progress = Progress(args.run_name, args.total_timesteps)
+    progress = Progress(args.run_name, args.total_timesteps, "eval/score")
     start_time, start_step = time.time(), loop.global_step
     while loop.global_step < args.total_timesteps:
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, loop.global_step)
@@ -1119,7 +1123,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
             if loop.update_idx % 100 == 0:
                 sps = int((loop.global_step - start_step) / (time.time() - start_time))
                 log_training(writer, logs, epsilon, args, loop.global_step, sps)
-                progress.maybe_print(loop.global_step, sps, (loop.last_eval or {}).get("eval/score"))
+                progress.maybe_print(loop.global_step, sps, loop.last_eval)
 
         if loop.global_step >= loop.next_eval or loop.global_step >= args.total_timesteps:
             loop.last_eval = run_evaluation(args, agent, eval_envs, loop, writer, run_path, device)

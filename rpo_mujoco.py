@@ -595,7 +595,7 @@ def check_rendering(env_id: str) -> None:
     """Raise ValueError if --capture-video cannot work: no moviepy, or no OpenGL context (headless: MUJOCO_GL=egl)."""
     if importlib.util.find_spec("moviepy") is None:
         raise ValueError("--capture-video needs moviepy: pip install moviepy")
-    # crucial: import what the optimizer imports (torch._dynamo, and with it triton on CUDA builds) before the first
+    # crucial: import what torch's optimizers import (torch._dynamo, and with it triton on CUDA builds) before the first
     # OpenGL context. Mesa's EGL driver puts the system libLLVM in the global symbol scope, and a triton loaded later
     # binds its own LLVM symbols to it and segfaults in its static initializers.
     import torch._dynamo  # noqa: F401
@@ -667,7 +667,7 @@ def load_saved(path: str) -> dict:
     """Load a `model.pt` or `checkpoint.pt` written by this script (tensors and plain Python only).
 
     Raises:
-        ValueError: if the file was saved by another script, naming that script.
+        ValueError: if the file was saved by another script (a twin, say), naming that script.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     foreign = sorted(set(state["args"]) - set(Args.__dataclass_fields__))
@@ -769,11 +769,11 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     return state
 
 
-def is_complete(run_path: str, args: Args) -> bool:
-    """Whether the run already ended at its last update (its final_eval.json says so)."""
+def is_complete(run_path: str, last_step: int) -> bool:
+    """Whether the run already ended at `last_step`, its last global_step (its final_eval.json says so)."""
     try:
         with open(os.path.join(run_path, "final_eval.json")) as f:
-            return json.load(f)["global_step"] >= num_iterations(args) * batch_size(args)
+            return json.load(f)["global_step"] >= last_step
     except FileNotFoundError:
         return False
 
@@ -909,17 +909,19 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines)."""
+    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines): the step,
+    SPS and the value of `metric` (e.g. "eval/return") in the latest evaluation record."""
 
-    def __init__(self, run_name: str, total: int, interval_s: float = 30.0):
-        self.run_name, self.total, self.interval_s = run_name, total, interval_s
+    def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
+        self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
         self.last = time.time()
 
-    def maybe_print(self, global_step: int, sps: int, last_return) -> None:
+    def maybe_print(self, global_step: int, sps: int, last_eval: dict | None) -> None:
         if time.time() - self.last >= self.interval_s:
             self.last = time.time()
+            value = (last_eval or {}).get(self.metric)
             print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last eval return {last_return}", file=sys.stderr, flush=True)  # fmt: skip
+                  f"SPS {sps} last {self.metric} {value}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -941,7 +943,7 @@ def main(args: Args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if saved is not None and is_complete(run_path, args):
+    if saved is not None and is_complete(run_path, num_iterations(args) * batch_size(args)):
         print(f"run {run_path} already ended at global_step {saved['global_step']}; nothing to do", file=sys.stderr)
         return 0
     stop = StopRequest()  # before the envs: async env workers forked later inherit the handler and ignore the signal
@@ -1003,7 +1005,7 @@ def train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path,
     """The RPO loop, from `loop`'s counters to the last update. Returns the final evaluation record (also printed as a
     JSON line). Raises Interrupted after the checkpoint that a SIGUSR1/SIGTERM asked for."""
     last_step = num_iterations(args) * batch_size(args)
-    progress = Progress(args.run_name, last_step)
+    progress = Progress(args.run_name, last_step, "eval/return")
     start_time, start_step = time.time(), loop.global_step
     obs, _ = envs.reset(seed=args.seed)  # a resumed run then restores the episodes in progress
     state = EnvState(normalizer.obs(obs, update=saved_envs is None), normalizer)
@@ -1028,7 +1030,7 @@ def train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path,
         sps = int((loop.global_step - start_step) / (time.time() - start_time))
         for key, value in {**logs, "charts/SPS": sps}.items():
             writer.add_scalar(key, value, loop.global_step)
-        progress.maybe_print(loop.global_step, sps, (loop.last_eval or {}).get("eval/return"))
+        progress.maybe_print(loop.global_step, sps, loop.last_eval)
         if loop.global_step >= loop.next_eval or loop.global_step >= last_step:
             loop.last_eval = run_evaluation(args, agent, optimizer, normalizer, eval_envs, loop, writer, run_path)
             loop.eval_idx += 1

@@ -20,7 +20,6 @@ import signal
 import socket
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
@@ -34,14 +33,11 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 # Known-harmless import-time noise, silenced exactly: gymnasium-robotics' notice about the AdroitHand v1 rewards (this
-# script uses only Fetch) and escnn's warning that py3nj is missing (only SO(3) needs it; D_N never does).
+# script uses only Fetch).
 _robotics_notices = farama_notifications.notifications.get("gymnasium_robotics", {})
 for _version in [v for v, text in _robotics_notices.items() if text.startswith("AdroitHand")]:
     del _robotics_notices[_version]
-warnings.filterwarnings("ignore", message="`py3nj` package not found", category=UserWarning)
 import gymnasium_robotics  # noqa: E402
-from escnn import group, gspaces  # noqa: E402
-from escnn import nn as enn  # noqa: E402
 from gymnasium_robotics.utils import rotations  # noqa: E402
 
 
@@ -303,6 +299,15 @@ def make_vector_env(env_id: str, num_envs: int, mode: str, capture_video: bool =
 # ---------------------------------------------------------------------------------------------------------------------
 # Networks: D_N-equivariant actor, D_N-invariant critic (escnn)
 # ---------------------------------------------------------------------------------------------------------------------
+# escnn is imported here, in the one section that uses it, so that the twins differ only in this section. Its warning
+# that py3nj is missing is known and harmless: only SO(3) needs py3nj, D_N never does.
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="`py3nj` package not found", category=UserWarning)
+from escnn import group, gspaces  # noqa: E402
+from escnn import nn as enn  # noqa: E402
+
+
 def planar_vector_rep(G: group.DihedralGroup) -> group.Representation:
     """The "vector" kind: O(2)'s standard representation restricted to D_N (rotation by 2*pi*k/N, flip y -> -y).
 
@@ -1042,7 +1047,7 @@ def check_rendering(env_id: str) -> None:
     """Raise ValueError if --capture-video cannot work: no moviepy, or no OpenGL context (headless: MUJOCO_GL=egl)."""
     if importlib.util.find_spec("moviepy") is None:
         raise ValueError("--capture-video needs moviepy: pip install moviepy")
-    # crucial: import what the optimizers import (torch._dynamo, and with it triton on CUDA builds) before the first
+    # crucial: import what torch's optimizers import (torch._dynamo, and with it triton on CUDA builds) before the first
     # OpenGL context. Mesa's EGL driver puts the system libLLVM in the global symbol scope, and a triton loaded later
     # binds its own LLVM symbols to it and segfaults in its static initializers.
     import torch._dynamo  # noqa: F401
@@ -1138,7 +1143,7 @@ def load_saved(path: str) -> dict:
     """Load a `model.pt` or `checkpoint.pt` written by this script (tensors and plain Python only).
 
     Raises:
-        ValueError: if the file was saved by another script (e.g. this script's twin), naming that script.
+        ValueError: if the file was saved by another script (a twin, say), naming that script.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     foreign = sorted(set(state["args"]) - set(Args.__dataclass_fields__))
@@ -1252,11 +1257,11 @@ def resume_state(args: Args, run_path: str) -> dict | None:
     return state
 
 
-def is_complete(run_path: str, total_timesteps: int) -> bool:
-    """Whether the run already ended at `total_timesteps` (its final_eval.json says so)."""
+def is_complete(run_path: str, last_step: int) -> bool:
+    """Whether the run already ended at `last_step`, its last global_step (its final_eval.json says so)."""
     try:
         with open(os.path.join(run_path, "final_eval.json")) as f:
-            return json.load(f)["global_step"] >= total_timesteps
+            return json.load(f)["global_step"] >= last_step
     except FileNotFoundError:
         return False
 
@@ -1384,17 +1389,19 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines)."""
+    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines): the step,
+    SPS and the value of `metric` (e.g. "eval/return") in the latest evaluation record."""
 
-    def __init__(self, run_name: str, total: int, interval_s: float = 30.0):
-        self.run_name, self.total, self.interval_s = run_name, total, interval_s
+    def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
+        self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
         self.last = time.time()
 
-    def maybe_print(self, global_step: int, sps: int, last_success) -> None:
+    def maybe_print(self, global_step: int, sps: int, last_eval: dict | None) -> None:
         if time.time() - self.last >= self.interval_s:
             self.last = time.time()
+            value = (last_eval or {}).get(self.metric)
             print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last eval success {last_success}", file=sys.stderr, flush=True)  # fmt: skip
+                  f"SPS {sps} last {self.metric} {value}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1614,7 +1621,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
     """The SAC + HER loop, from `loop`'s counters to `total_timesteps`. Returns the final evaluation record (also
     printed as a JSON line). Raises Interrupted after the checkpoint that a SIGUSR1/SIGTERM asked for."""
     nets, opts, alpha_state = agent
-    progress = Progress(args.run_name, args.total_timesteps)
+    progress = Progress(args.run_name, args.total_timesteps, "eval/success_rate")
     start_time, start_step = time.time(), loop.global_step
     # a new run seeds the envs; a resumed one continues their restored np_random, like every reset below
     obs, _ = envs.reset(seed=None if loop.global_step else args.seed)
@@ -1677,7 +1684,7 @@ def log_losses(logs: dict, writer, loop: LoopState, progress, sps: float) -> Non
     for key, value in logs.items():
         writer.add_scalar(key, value.item(), loop.global_step)
     writer.add_scalar("charts/SPS", int(sps), loop.global_step)
-    progress.maybe_print(loop.global_step, int(sps), (loop.last_eval or {}).get("eval/success_rate"))
+    progress.maybe_print(loop.global_step, int(sps), loop.last_eval)
 
 
 def maybe_checkpoint(args, agent, rb, envs, loop: LoopState, action_rng, run_path: str, stop: StopRequest) -> None:

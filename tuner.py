@@ -153,11 +153,14 @@ class Interrupt:
 
 
 # ---- Search spaces -------------------------------------------------------------------------------------------
-# Fair comparison: both presets are the shared dimensions plus one capacity dimension each, matched by parameters.
-# The equivariant critic on the object tasks has 9.5k .. 530k parameters over dihedral_n x reg_rep_n (7 distinct counts,
-# 2N * reg_rep_n^2 in its hidden layer); the MLP widths below give whole-critic counts within 3 % of those 7 (a test
-# builds both and checks). FLOPs are not matched: at equal parameters escnn's dense expansion would do 2N times the
-# MLP's multiply-adds; the scripts' Fourier-block path does 1.5-3 times (blocks plus the group transforms).
+# Fair comparison: every preset is the shared dimensions plus one capacity dimension, and the capacity dimensions of
+# all presets have the same number of choices, matched by critic parameters (the i-th choices within 3 % of each other
+# on the object tasks: 9.5k .. 530k; a test builds every network and checks). An equivariant preset pins its group,
+# `dihedral_n` as a one-value choice (so it shows in every trial's parameters and rerun command, and a fixed
+# `--dihedral-n` after `--` is refused): `sac_fetch_equivariant` D_8, the main job's group, `sac_fetch_equivariant_d4`
+# D_4. Its critic has 2N n^2 + 41 n + 1 parameters at n = reg_rep_n, the MLP's h^2 + 41 h + 1 at width h. FLOPs are
+# not matched: at equal parameters escnn's dense expansion would do 2N times the MLP's multiply-adds; the scripts'
+# Fourier-block path does 1.5-3 times (blocks plus the group transforms).
 SAC_FETCH_SHARED = {
     "policy_lr": "loguniform:1e-4,1e-3",
     "q_lr": "loguniform:1e-4,2e-3",
@@ -168,7 +171,8 @@ SAC_FETCH_SHARED = {
 }
 SAC_FETCH_CAPACITY = {
     "sac_fetch_mlp": {"hidden_sizes": "choice:79 79,114 114,167 167,241 241,348 348,497 497,708 708"},
-    "sac_fetch_equivariant": {"dihedral_n": "choice:4,8,16", "reg_rep_n": "choice:32,64,128"},
+    "sac_fetch_equivariant": {"dihedral_n": "choice:8", "reg_rep_n": "choice:23,32,45,64,91,128,181"},
+    "sac_fetch_equivariant_d4": {"dihedral_n": "choice:4", "reg_rep_n": "choice:32,45,63,90,128,180,255"},
 }
 PRESETS = {name: {**SAC_FETCH_SHARED, **capacity} for name, capacity in SAC_FETCH_CAPACITY.items()}
 
