@@ -40,3 +40,13 @@ def wait_until(condition, timeout: float, what: str, poll: float = 0.05) -> None
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(poll)
+
+
+def read_stderr_until(proc, text: str) -> list:
+    """The lines of `proc`'s stderr up to the first one that holds `text` (blocks until the process prints it)."""
+    lines = []
+    while not lines or text not in lines[-1]:
+        line = proc.stderr.readline()
+        assert line, f"stderr ended before {text!r}: {''.join(lines)[-3000:]}"
+        lines.append(line)
+    return lines
