@@ -594,9 +594,11 @@ def check_finite(name: str, value: torch.Tensor, global_step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(q_network, eval_envs: list, seed: int, device, episodes: int | None = None, prefix: str = "eval") -> dict:
+def evaluate(q_network, eval_envs: list, seed: int, device, episodes: int | None = None, prefix: str = "eval",
+             report=None) -> dict:  # fmt: skip
     """`episodes` greedy episodes (argmax Q; no random number is drawn), default one per eval env, in batches of
-    `len(eval_envs)`: env i of batch k starts from `reset(seed=seed + k * len(eval_envs) + i)`.
+    `len(eval_envs)`: env i of batch k starts from `reset(seed=seed + k * len(eval_envs) + i)`; `report(episodes done
+    so far)`, if given, is called before each batch.
 
     Returns {f"{prefix}/score": mean food eaten, f"{prefix}/length": mean episode length in env steps,
     f"{prefix}/return": mean undiscounted return}.
@@ -605,6 +607,8 @@ def evaluate(q_network, eval_envs: list, seed: int, device, episodes: int | None
     results = []
     q_network.eval()  # layers that cache weights derived from their parameters (escnn's) derive them once, here
     for first in range(0, episodes, len(eval_envs)):
+        if report is not None:
+            report(first)
         batch = eval_envs[: min(len(eval_envs), episodes - first)]
         results += greedy_episodes(q_network, batch, seed + first, device)
     q_network.train()
@@ -992,18 +996,61 @@ def setup_step(run_name: str, doing: str, estimate_s: float = 0.0, quiet_s: floa
             os.write(2, f"[{run_name}] {doing}: done in {clock(time.monotonic() - start)}\n".encode())
 
 
+def report_finished(run_name: str, run_path: str, final: dict) -> None:
+    """The last line of a run that ended: on stderr, its folder and its held-out result (without a held-out
+    evaluation, `--final-eval-episodes 0`, the last periodic one)."""
+    values = lambda prefix: ", ".join(f"{key[len(prefix) :]} {value:.4g}" for key, value in final.items()
+                                      if key.startswith(prefix) and key != "heldout/episodes")  # noqa: E731  # fmt: skip
+    if "heldout/episodes" in final:
+        result = f"held-out {values('heldout/')} over {final['heldout/episodes']} episodes"
+    else:
+        result = f"no held-out evaluation; last eval {values('eval/')}"
+    print(f"[{run_name}] finished at global_step {final['global_step']}: {result}; run folder {run_path}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines)."""
+    """Progress lines on stderr (stdout carries only the JSON eval lines): the training's (`maybe_print`) and the
+    held-out evaluation's (`evaluating`), each at most one per `interval_s` seconds. `metric` is the evaluation result
+    that the training line shows (e.g. "eval/return")."""
 
-    def __init__(self, run_name: str, total: int, interval_s: float = 30.0):
-        self.run_name, self.total, self.interval_s = run_name, total, interval_s
-        self.last = time.time()
+    def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
+        self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
+        self.start = time.time()
+        self.previous, self.printed = None, None  # (time, global_step) of the last call; time of the last line
+        self.eval_start = self.eval_printed = None
 
-    def maybe_print(self, global_step: int, sps: int, last_score) -> None:
-        if time.time() - self.last >= self.interval_s:
-            self.last = time.time()
-            print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last eval score {last_score}", file=sys.stderr, flush=True)  # fmt: skip
+    def say(self, text: str) -> None:
+        print(f"[{self.run_name}] {text}", file=sys.stderr, flush=True)
+
+    def maybe_print(self, global_step: int, last_eval: dict | None) -> None:
+        """Called at regular points of the loop (every update, or every 100 updates): from the second call on, at most
+        one line per interval with the step, percent, steps/s since the previous call (the steady rate, without the
+        set-up and the warm-up), the time since training started in this process, the ETA of the last step at the
+        steady rate, and the last evaluation's `metric`."""
+        now, previous = time.time(), self.previous
+        self.previous = (now, global_step)
+        if previous is None or (self.printed is not None and now - self.printed < self.interval_s):
+            return
+        self.printed, rate = now, (global_step - previous[1]) / max(now - previous[0], 1e-9)
+        eta = clock((self.total - global_step) / rate) if rate > 0 else "unknown"
+        last = "none yet" if last_eval is None else f"{self.metric[5:]} {last_eval[self.metric]:.4g}"
+        speed = f"{rate:.{int(rate < 10)}f} steps/s"  # a decimal below 10
+        self.say(f"step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%), {speed}, "
+                 f"elapsed {clock(now - self.start)}, ETA {eta}, last eval {last}")  # fmt: skip
+
+    def evaluating(self, done: int, episodes: int) -> None:
+        """The held-out evaluation's progress (`done` of its `episodes` have ended): a line at the first call, then at
+        most one per interval with the episodes done, the time since it started and the ETA of its last episode at
+        its rate so far."""
+        now = time.time()
+        if self.eval_start is None:
+            self.eval_start = self.eval_printed = now
+            self.say(f"held-out evaluation: {episodes} episodes...")
+        elif 0 < done < episodes and now - self.eval_printed >= self.interval_s:
+            self.eval_printed, elapsed = now, now - self.eval_start
+            eta = clock(elapsed * (episodes - done) / done)
+            self.say(f"held-out evaluation: {done}/{episodes} episodes, elapsed {clock(elapsed)}, ETA {eta}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1140,6 +1187,7 @@ def main(args: Args) -> int:
             env.close()
     with open(os.path.join(run_path, "final_eval.json"), "w") as f:
         json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
+    report_finished(args.run_name, run_path, final)
     if lock is not None:
         lock.close()  # the folder is free for the next process (on any other return, the process's end frees it)
     return 0
@@ -1149,7 +1197,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
     """The DQN loop, from `loop`'s counters to `total_timesteps`. Returns the final evaluation record (also printed
     as a JSON line). Raises Interrupted after the checkpoint that a SIGUSR1/SIGTERM asked for."""
     nets = agent[0]
-    progress = Progress(args.run_name, args.total_timesteps)
+    progress = Progress(args.run_name, args.total_timesteps, "eval/score")
     start_time, start_step = time.time(), loop.global_step
     while loop.global_step < args.total_timesteps:
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, loop.global_step)
@@ -1169,14 +1217,14 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
             if loop.update_idx % 100 == 0:
                 sps = int((loop.global_step - start_step) / (time.time() - start_time))
                 log_training(writer, logs, epsilon, args, loop.global_step, sps)
-                progress.maybe_print(loop.global_step, sps, (loop.last_eval or {}).get("eval/score"))
+                progress.maybe_print(loop.global_step, loop.last_eval)
 
         if loop.global_step >= loop.next_eval or loop.global_step >= args.total_timesteps:
             loop.last_eval = run_evaluation(args, agent, eval_envs, loop, writer, run_path, device)
             loop.eval_idx, loop.next_eval = loop.eval_idx + 1, loop.next_eval + args.eval_frequency
         maybe_checkpoint(args, agent, rb, envs, obs, loop, rngs, run_path, stop)
     return {**loop.last_eval, **heldout_evaluation(args, nets["q_network"], eval_envs, writer, loop.global_step,
-                                                   device)}  # fmt: skip
+                                                   device, progress)}  # fmt: skip
 
 
 def log_episodes(loop: LoopState, rewards, done, infos: dict, writer) -> None:
@@ -1215,7 +1263,7 @@ def maybe_checkpoint(args, agent, rb, envs, obs, loop: LoopState, rngs, run_path
                           f"{args.run_name}")  # fmt: skip
 
 
-def heldout_evaluation(args, q_network, eval_envs, writer, global_step: int, device) -> dict:
+def heldout_evaluation(args, q_network, eval_envs, writer, global_step: int, device, progress: Progress) -> dict:
     """The final evaluation on `final_eval_episodes` episodes whose initial states no periodic evaluation sees
     (seeds from seed + 2_000_000): logged as `heldout/*` and printed as one JSON line without `eval_idx`."""
     if args.final_eval_episodes == 0:
@@ -1223,7 +1271,8 @@ def heldout_evaluation(args, q_network, eval_envs, writer, global_step: int, dev
     if args.capture_video:  # one video of the held-out evaluation too: its first episode
         first = iter([True])
         eval_envs[0].episode_trigger = lambda _: next(first, False)
-    result = evaluate(q_network, eval_envs, args.seed + 2_000_000, device, args.final_eval_episodes, prefix="heldout")
+    report = lambda done: progress.evaluating(done, args.final_eval_episodes)  # noqa: E731
+    result = evaluate(q_network, eval_envs, args.seed + 2_000_000, device, args.final_eval_episodes, "heldout", report)
     for key, value in result.items():
         writer.add_scalar(key, value, global_step)
     record = {"global_step": global_step, **result, "heldout/episodes": args.final_eval_episodes}

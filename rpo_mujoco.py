@@ -656,16 +656,20 @@ def check_finite(name: str, value: torch.Tensor, global_step: int) -> None:
         raise FloatingPointError(f"{name} is {value.item()} at global_step {global_step}")
 
 
-def evaluate(agent, normalizer: Normalizer, eval_envs, seed: int, episodes: int, prefix: str = "eval") -> dict:
+def evaluate(agent, normalizer: Normalizer, eval_envs, seed: int, episodes: int, prefix: str = "eval",
+             report=None) -> dict:  # fmt: skip
     """`episodes` deterministic episodes (the mean action clipped to the bounds; no random number is drawn) with the
     observation statistics frozen, in batches of `eval_envs.num_envs`: env i of batch k starts from
-    `reset(seed=seed + k * num_envs + i)`. Returns {f"{prefix}/return": mean raw return, f"{prefix}/length"}."""
+    `reset(seed=seed + k * num_envs + i)`; `report(episodes ended so far)`, if given, is called at every step.
+    Returns {f"{prefix}/return": mean raw return, f"{prefix}/length"}."""
     returns, lengths, n = [], [], eval_envs.num_envs
     space, policy = eval_envs.single_action_space, NumpyPolicy(agent)
     for batch_seed in range(seed, seed + episodes, n):
         obs, _ = eval_envs.reset(seed=batch_seed)
         score, length, running = np.zeros(n), np.zeros(n, np.int64), np.ones(n, bool)
         while running.any():
+            if report is not None:
+                report(len(returns) + int((~running).sum()))
             mean = policy(normalizer.obs(obs, update=False))[0]
             obs, rewards, terminated, truncated, _ = eval_envs.step(np.clip(mean, space.low, space.high))
             score += rewards * running
@@ -1022,18 +1026,61 @@ def setup_step(run_name: str, doing: str, estimate_s: float = 0.0, quiet_s: floa
             os.write(2, f"[{run_name}] {doing}: done in {clock(time.monotonic() - start)}\n".encode())
 
 
+def report_finished(run_name: str, run_path: str, final: dict) -> None:
+    """The last line of a run that ended: on stderr, its folder and its held-out result (without a held-out
+    evaluation, `--final-eval-episodes 0`, the last periodic one)."""
+    values = lambda prefix: ", ".join(f"{key[len(prefix) :]} {value:.4g}" for key, value in final.items()
+                                      if key.startswith(prefix) and key != "heldout/episodes")  # noqa: E731  # fmt: skip
+    if "heldout/episodes" in final:
+        result = f"held-out {values('heldout/')} over {final['heldout/episodes']} episodes"
+    else:
+        result = f"no held-out evaluation; last eval {values('eval/')}"
+    print(f"[{run_name}] finished at global_step {final['global_step']}: {result}; run folder {run_path}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines)."""
+    """Progress lines on stderr (stdout carries only the JSON eval lines): the training's (`maybe_print`) and the
+    held-out evaluation's (`evaluating`), each at most one per `interval_s` seconds. `metric` is the evaluation result
+    that the training line shows (e.g. "eval/return")."""
 
-    def __init__(self, run_name: str, total: int, interval_s: float = 30.0):
-        self.run_name, self.total, self.interval_s = run_name, total, interval_s
-        self.last = time.time()
+    def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
+        self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
+        self.start = time.time()
+        self.previous, self.printed = None, None  # (time, global_step) of the last call; time of the last line
+        self.eval_start = self.eval_printed = None
 
-    def maybe_print(self, global_step: int, sps: int, last_return) -> None:
-        if time.time() - self.last >= self.interval_s:
-            self.last = time.time()
-            print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last eval return {last_return}", file=sys.stderr, flush=True)  # fmt: skip
+    def say(self, text: str) -> None:
+        print(f"[{self.run_name}] {text}", file=sys.stderr, flush=True)
+
+    def maybe_print(self, global_step: int, last_eval: dict | None) -> None:
+        """Called at regular points of the loop (every update, or every 100 updates): from the second call on, at most
+        one line per interval with the step, percent, steps/s since the previous call (the steady rate, without the
+        set-up and the warm-up), the time since training started in this process, the ETA of the last step at the
+        steady rate, and the last evaluation's `metric`."""
+        now, previous = time.time(), self.previous
+        self.previous = (now, global_step)
+        if previous is None or (self.printed is not None and now - self.printed < self.interval_s):
+            return
+        self.printed, rate = now, (global_step - previous[1]) / max(now - previous[0], 1e-9)
+        eta = clock((self.total - global_step) / rate) if rate > 0 else "unknown"
+        last = "none yet" if last_eval is None else f"{self.metric[5:]} {last_eval[self.metric]:.4g}"
+        speed = f"{rate:.{int(rate < 10)}f} steps/s"  # a decimal below 10
+        self.say(f"step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%), {speed}, "
+                 f"elapsed {clock(now - self.start)}, ETA {eta}, last eval {last}")  # fmt: skip
+
+    def evaluating(self, done: int, episodes: int) -> None:
+        """The held-out evaluation's progress (`done` of its `episodes` have ended): a line at the first call, then at
+        most one per interval with the episodes done, the time since it started and the ETA of its last episode at
+        its rate so far."""
+        now = time.time()
+        if self.eval_start is None:
+            self.eval_start = self.eval_printed = now
+            self.say(f"held-out evaluation: {episodes} episodes...")
+        elif 0 < done < episodes and now - self.eval_printed >= self.interval_s:
+            self.eval_printed, elapsed = now, now - self.eval_start
+            eta = clock(elapsed * (episodes - done) / done)
+            self.say(f"held-out evaluation: {done}/{episodes} episodes, elapsed {clock(elapsed)}, ETA {eta}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1113,6 +1160,7 @@ def main(args: Args) -> int:
         eval_envs.close()
     with open(os.path.join(run_path, "final_eval.json"), "w") as f:
         json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
+    report_finished(args.run_name, run_path, final)
     if lock is not None:
         lock.close()  # the folder is free for the next process (on any other return, the process's end frees it)
     return 0
@@ -1123,7 +1171,7 @@ def train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path,
     """The RPO loop, from `loop`'s counters to the last update. Returns the final evaluation record (also printed as a
     JSON line). Raises Interrupted after the checkpoint that a SIGUSR1/SIGTERM asked for."""
     last_step = num_iterations(args) * batch_size(args)
-    progress = Progress(args.run_name, last_step)
+    progress = Progress(args.run_name, last_step, "eval/return")
     start_time, start_step = time.time(), loop.global_step
     obs, _ = envs.reset(seed=args.seed)  # a resumed run then restores the episodes in progress
     state = EnvState(normalizer.obs(obs, update=saved_envs is None), normalizer)
@@ -1148,7 +1196,7 @@ def train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path,
         sps = int((loop.global_step - start_step) / (time.time() - start_time))
         for key, value in {**logs, "charts/SPS": sps}.items():
             writer.add_scalar(key, value, loop.global_step)
-        progress.maybe_print(loop.global_step, sps, (loop.last_eval or {}).get("eval/return"))
+        progress.maybe_print(loop.global_step, loop.last_eval)
         if loop.global_step >= loop.next_eval or loop.global_step >= last_step:
             loop.last_eval = run_evaluation(args, agent, optimizer, normalizer, eval_envs, loop, writer, run_path)
             loop.eval_idx += 1
@@ -1156,7 +1204,7 @@ def train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path,
         maybe_checkpoint(args, agent, optimizer, loop, minibatch_rng, (envs, state), run_path, stop, last_step)
     return {
         **loop.last_eval,
-        **heldout_evaluation(args, agent, normalizer, eval_envs, writer, loop.global_step),
+        **heldout_evaluation(args, agent, normalizer, eval_envs, writer, loop.global_step, progress),
     }
 
 
@@ -1182,14 +1230,15 @@ def set_video_trigger(eval_envs) -> None:
     eval_envs.envs[0].set_wrapper_attr("episode_trigger", lambda _: next(first, False))
 
 
-def heldout_evaluation(args, agent, normalizer, eval_envs, writer, global_step: int) -> dict:
+def heldout_evaluation(args, agent, normalizer, eval_envs, writer, global_step: int, progress: Progress) -> dict:
     """The final evaluation on `final_eval_episodes` episodes whose seeds no periodic evaluation uses
     (seed + 2_000_000 + k): logged as `heldout/*` and printed as one JSON line without `eval_idx`."""
     if args.final_eval_episodes == 0:
         return {}
     if args.capture_video:
         set_video_trigger(eval_envs)
-    result = evaluate(agent, normalizer, eval_envs, args.seed + 2_000_000, args.final_eval_episodes, prefix="heldout")
+    report = lambda done: progress.evaluating(done, args.final_eval_episodes)  # noqa: E731
+    result = evaluate(agent, normalizer, eval_envs, args.seed + 2_000_000, args.final_eval_episodes, "heldout", report)
     for key, value in result.items():
         writer.add_scalar(key, value, global_step)
     record = {"global_step": global_step, **result, "heldout/episodes": args.final_eval_episodes}

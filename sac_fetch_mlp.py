@@ -819,9 +819,11 @@ def obs_tensor(obs: dict, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(actor, obs_norm, eval_envs, seed: int, device, episodes: int | None = None, prefix: str = "eval") -> dict:
+def evaluate(actor, obs_norm, eval_envs, seed: int, device, episodes: int | None = None, prefix: str = "eval",
+             report=None) -> dict:  # fmt: skip
     """`episodes` deterministic episodes (the squashed mean action; no random number is drawn), default one per eval
-    env, run in batches of `eval_envs.num_envs`: env i of batch k starts from `reset(seed=seed + k * num_envs + i)`.
+    env, run in batches of `eval_envs.num_envs`: env i of batch k starts from `reset(seed=seed + k * num_envs + i)`;
+    `report(episodes done so far)`, if given, is called before each batch.
 
     Returns {f"{prefix}/success_rate": fraction of episodes whose last step has is_success, f"{prefix}/return": mean
     undiscounted return}.
@@ -830,6 +832,8 @@ def evaluate(actor, obs_norm, eval_envs, seed: int, device, episodes: int | None
     episode_length = eval_envs.get_attr("spec")[0].max_episode_steps
     successes, returns = [], []
     for batch_seed in range(seed, seed + episodes, eval_envs.num_envs):
+        if report is not None:
+            report(min(len(returns), episodes))
         obs, _ = eval_envs.reset(seed=batch_seed)
         batch_returns = np.zeros(eval_envs.num_envs)
         for _ in range(episode_length):
@@ -1193,18 +1197,61 @@ def setup_step(run_name: str, doing: str, estimate_s: float = 0.0, quiet_s: floa
             os.write(2, f"[{run_name}] {doing}: done in {clock(time.monotonic() - start)}\n".encode())
 
 
+def report_finished(run_name: str, run_path: str, final: dict) -> None:
+    """The last line of a run that ended: on stderr, its folder and its held-out result (without a held-out
+    evaluation, `--final-eval-episodes 0`, the last periodic one)."""
+    values = lambda prefix: ", ".join(f"{key[len(prefix) :]} {value:.4g}" for key, value in final.items()
+                                      if key.startswith(prefix) and key != "heldout/episodes")  # noqa: E731  # fmt: skip
+    if "heldout/episodes" in final:
+        result = f"held-out {values('heldout/')} over {final['heldout/episodes']} episodes"
+    else:
+        result = f"no held-out evaluation; last eval {values('eval/')}"
+    print(f"[{run_name}] finished at global_step {final['global_step']}: {result}; run folder {run_path}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines)."""
+    """Progress lines on stderr (stdout carries only the JSON eval lines): the training's (`maybe_print`) and the
+    held-out evaluation's (`evaluating`), each at most one per `interval_s` seconds. `metric` is the evaluation result
+    that the training line shows (e.g. "eval/return")."""
 
-    def __init__(self, run_name: str, total: int, interval_s: float = 30.0):
-        self.run_name, self.total, self.interval_s = run_name, total, interval_s
-        self.last = time.time()
+    def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
+        self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
+        self.start = time.time()
+        self.previous, self.printed = None, None  # (time, global_step) of the last call; time of the last line
+        self.eval_start = self.eval_printed = None
 
-    def maybe_print(self, global_step: int, sps: int, last_success) -> None:
-        if time.time() - self.last >= self.interval_s:
-            self.last = time.time()
-            print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last eval success {last_success}", file=sys.stderr, flush=True)  # fmt: skip
+    def say(self, text: str) -> None:
+        print(f"[{self.run_name}] {text}", file=sys.stderr, flush=True)
+
+    def maybe_print(self, global_step: int, last_eval: dict | None) -> None:
+        """Called at regular points of the loop (every update, or every 100 updates): from the second call on, at most
+        one line per interval with the step, percent, steps/s since the previous call (the steady rate, without the
+        set-up and the warm-up), the time since training started in this process, the ETA of the last step at the
+        steady rate, and the last evaluation's `metric`."""
+        now, previous = time.time(), self.previous
+        self.previous = (now, global_step)
+        if previous is None or (self.printed is not None and now - self.printed < self.interval_s):
+            return
+        self.printed, rate = now, (global_step - previous[1]) / max(now - previous[0], 1e-9)
+        eta = clock((self.total - global_step) / rate) if rate > 0 else "unknown"
+        last = "none yet" if last_eval is None else f"{self.metric[5:]} {last_eval[self.metric]:.4g}"
+        speed = f"{rate:.{int(rate < 10)}f} steps/s"  # a decimal below 10
+        self.say(f"step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%), {speed}, "
+                 f"elapsed {clock(now - self.start)}, ETA {eta}, last eval {last}")  # fmt: skip
+
+    def evaluating(self, done: int, episodes: int) -> None:
+        """The held-out evaluation's progress (`done` of its `episodes` have ended): a line at the first call, then at
+        most one per interval with the episodes done, the time since it started and the ETA of its last episode at
+        its rate so far."""
+        now = time.time()
+        if self.eval_start is None:
+            self.eval_start = self.eval_printed = now
+            self.say(f"held-out evaluation: {episodes} episodes...")
+        elif 0 < done < episodes and now - self.eval_printed >= self.interval_s:
+            self.eval_printed, elapsed = now, now - self.eval_start
+            eta = clock(elapsed * (episodes - done) / done)
+            self.say(f"held-out evaluation: {done}/{episodes} episodes, elapsed {clock(elapsed)}, ETA {eta}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1397,6 +1444,7 @@ def main(args: Args) -> int:
         eval_envs.close()
     with open(os.path.join(run_path, "final_eval.json"), "w") as f:
         json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
+    report_finished(args.run_name, run_path, final)
     if lock is not None:
         lock.close()  # the folder is free for the next process (on any other return, the process's end frees it)
     return 0
@@ -1406,7 +1454,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
     """The SAC + HER loop, from `loop`'s counters to `total_timesteps`. Returns the final evaluation record (also
     printed as a JSON line). Raises Interrupted after the checkpoint that a SIGUSR1/SIGTERM asked for."""
     nets, opts, alpha_state = agent
-    progress = Progress(args.run_name, args.total_timesteps)
+    progress = Progress(args.run_name, args.total_timesteps, "eval/success_rate")
     start_time, start_step = time.time(), loop.global_step
     # a new run seeds the envs; a resumed one continues their restored np_random, like every reset below
     obs, _ = envs.reset(seed=None if loop.global_step else args.seed)
@@ -1442,7 +1490,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
             maybe_checkpoint(args, agent, rb, envs, loop, action_rng, run_path, stop)
             obs, _ = envs.reset()
             nets["obs_norm"].update(obs["observation"])
-    return {**loop.last_eval, **heldout_evaluation(args, nets, eval_envs, writer, loop.global_step, device)}
+    return {**loop.last_eval, **heldout_evaluation(args, nets, eval_envs, writer, loop.global_step, device, progress)}
 
 
 def run_updates(args, rb, agent, loop: LoopState, logs: dict, log) -> None:
@@ -1469,7 +1517,7 @@ def log_losses(logs: dict, writer, loop: LoopState, progress, sps: float) -> Non
     for key, value in logs.items():
         writer.add_scalar(key, value.item(), loop.global_step)
     writer.add_scalar("charts/SPS", int(sps), loop.global_step)
-    progress.maybe_print(loop.global_step, int(sps), (loop.last_eval or {}).get("eval/success_rate"))
+    progress.maybe_print(loop.global_step, loop.last_eval)
 
 
 def maybe_checkpoint(args, agent, rb, envs, loop: LoopState, action_rng, run_path: str, stop: StopRequest) -> None:
@@ -1499,7 +1547,7 @@ def log_episodes(infos: dict, done: np.ndarray, writer, global_step: int) -> Non
         writer.add_scalar("charts/success_rate", float(np.mean(infos["is_success"][done])), global_step)
 
 
-def heldout_evaluation(args, nets, eval_envs, writer, global_step: int, device) -> dict:
+def heldout_evaluation(args, nets, eval_envs, writer, global_step: int, device, progress: Progress) -> dict:
     """The final evaluation on `final_eval_episodes` episodes whose initial states no periodic evaluation sees
     (seeds from seed + 2_000_000): logged as `heldout/*` and printed as one JSON line without `eval_idx`."""
     if args.final_eval_episodes == 0:
@@ -1515,6 +1563,7 @@ def heldout_evaluation(args, nets, eval_envs, writer, global_step: int, device) 
         device,
         args.final_eval_episodes,
         prefix="heldout",
+        report=lambda done: progress.evaluating(done, args.final_eval_episodes),
     )
     for key, value in result.items():
         writer.add_scalar(key, value, global_step)

@@ -202,7 +202,7 @@ def test_help_opens_with_one_line_saying_what_the_script_trains(script, tmp_path
 
 
 SHARED = ("StopRequest", "Interrupted", "check_finite_floats", "check_run_dir", "resume_state", "atomic_torch_save",
-          "memory_limit", "clock", "setup_step")  # fmt: skip
+          "memory_limit", "clock", "setup_step", "Progress", "report_finished")  # fmt: skip
 
 
 def top_level_sources(path: str) -> dict:
@@ -319,6 +319,36 @@ def test_a_stop_signal_during_a_slow_set_up_ends_the_run_at_once_with_code_3_and
                                        f"checkpoint; run folder {runs / 'slow'} deleted; the same command starts the "
                                        "run again")  # fmt: skip
     assert os.listdir(runs) == [] and stdout == "" and "Traceback" not in stderr
+
+
+def test_progress_lines_give_step_steady_rate_elapsed_eta_and_last_evaluation(mlp, capsys, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(mlp.time, "time", lambda: now[0])
+    progress = mlp.Progress("r", 1000, "eval/success_rate")
+    for seconds, step, last_eval in [(10, 100, None), (10, 300, None), (10, 400, None),
+                                     (25, 900, {"eval/success_rate": 0.25})]:  # fmt: skip
+        now[0] += seconds
+        progress.maybe_print(step, last_eval)
+    progress.evaluating(0, 100)
+    now[0] += 10
+    progress.evaluating(10, 100)  # within 30 s of the last line: nothing
+    now[0] += 30
+    progress.evaluating(40, 100)
+    final = {"eval_idx": 9, "global_step": 1000, "eval/success_rate": 0.5, "heldout/success_rate": 0.62,
+             "heldout/return": -18.4, "heldout/episodes": 100}  # fmt: skip
+    mlp.report_finished("r", "runs/r", final)
+    mlp.report_finished("r", "runs/r", {"eval_idx": 9, "global_step": 1000, "eval/success_rate": 0.5})
+    assert capsys.readouterr().err.splitlines() == [
+        # not at the first report: no steady rate yet; 200 steps in the 10 s since it, 700 to go
+        "[r] step 300/1000 (30%), 20 steps/s, elapsed 0:00:20, ETA 0:00:35, last eval none yet",
+        # step 400 came 10 s after that line; step 900 comes 35 s after it, 500 steps in the 25 s since step 400
+        "[r] step 900/1000 (90%), 20 steps/s, elapsed 0:00:55, ETA 0:00:05, last eval success_rate 0.25",
+        "[r] held-out evaluation: 100 episodes...",
+        "[r] held-out evaluation: 40/100 episodes, elapsed 0:00:40, ETA 0:01:00",
+        "[r] finished at global_step 1000: held-out success_rate 0.62, return -18.4 over 100 episodes; run folder "
+        "runs/r",
+        "[r] finished at global_step 1000: no held-out evaluation; last eval success_rate 0.5; run folder runs/r",
+    ]
 
 
 def test_a_slow_set_up_step_says_what_it_builds_at_once_or_once_it_takes_long_and_how_long_it_took(mlp, capfd):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, read_stderr_until
+from conftest import ROOT, assert_finished_line, assert_progress_lines, read_stderr_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_snake_env import D4_ELEMENTS, BoardSymmetry, rollout_policy
 
@@ -341,6 +341,8 @@ def test_training_runs_past_learning_starts_logs_and_saves_a_model_that_evaluate
     assert heldout["global_step"] == TOTAL and heldout["heldout/episodes"] == 3
 
     (run_path,) = glob.glob(str(tmp_path / "runs" / f"Snake-v0__test_{script}__3__*"))
+    assert_progress_lines(result.stderr, os.path.basename(run_path), TOTAL, "eval/score")  # reports at updates 100, 200
+    assert_finished_line(result.stderr, os.path.basename(run_path), run_path, heldout)
     assert {"config.json", "evals.jsonl", "final_eval.json", "model.pt", "checkpoint.pt"} <= set(os.listdir(run_path))
     with open(os.path.join(run_path, "final_eval.json")) as f:
         final = json.load(f)

@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_stderr_until
+from conftest import ROOT, assert_finished_line, assert_progress_lines, read_stderr_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_atari as m
@@ -194,6 +194,8 @@ def test_training_runs_three_updates_and_logs_cleanrl_metrics_and_json_lines(tmp
     assert set(heldout) == {"global_step", "heldout/return", "heldout/length", "heldout/episodes"}
     assert heldout["global_step"] == 768 and heldout["heldout/episodes"] == 2
     (run_path,) = glob.glob(str(tmp_path / "runs" / "BreakoutNoFrameskip-v4__smoke__2__*"))
+    assert_progress_lines(result.stderr, os.path.basename(run_path), 768, "eval/return")  # reports at every update
+    assert_finished_line(result.stderr, os.path.basename(run_path), run_path, heldout)
     assert {"config.json", "evals.jsonl", "final_eval.json", "model.pt", "checkpoint.pt"} <= set(os.listdir(run_path))
     tags = EventAccumulator(run_path).Reload().Tags()["scalars"]
     assert all(tag in tags for tag in TAGS), sorted(set(TAGS) - set(tags))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, read_stderr_until
+from conftest import ROOT, assert_finished_line, assert_progress_lines, read_stderr_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SCRIPTS = {"eq": "sac_fetch_equivariant.py", "mlp": "sac_fetch_mlp.py"}
@@ -99,6 +99,9 @@ def test_run_stopped_by_sigusr1_and_resumed_equals_the_uninterrupted_run(script,
     assert "AdroitHand" not in first_stderr and "py3nj" not in first_stderr  # known noise silenced
     reference_stdout, reference_stderr = reference_proc.communicate(timeout=300)
     assert reference_proc.returncode == 0, reference_stderr[-3000:]
+    assert_progress_lines(reference_stderr, "reference", TOTAL, "eval/success_rate")  # 300 updates: reports at 100, 200
+    assert_finished_line(reference_stderr, "reference", os.path.join(tmp_path / "runs", "reference"),
+                         json.loads(reference_stdout.splitlines()[-1]))  # fmt: skip
 
     resumed = run(script, args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -17,7 +17,7 @@ import mujoco
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_stderr_until
+from conftest import ROOT, assert_finished_line, assert_progress_lines, read_stderr_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rpo_mujoco as m
@@ -300,6 +300,8 @@ def test_training_runs_two_updates_logs_and_saves_the_statistics_with_the_model(
     assert [(r["eval_idx"], r["global_step"]) for r in records] == [(0, 256), (1, 512)]
     assert set(heldout) == {"global_step", "heldout/return", "heldout/length", "heldout/episodes"}
     (run_path,) = glob.glob(str(tmp_path / "runs" / "Hopper-v5__smoke__3__*"))
+    assert_progress_lines(result.stderr, os.path.basename(run_path), 512, "eval/return")  # reports at every update
+    assert_finished_line(result.stderr, os.path.basename(run_path), run_path, heldout)
     assert {"config.json", "evals.jsonl", "final_eval.json", "model.pt", "checkpoint.pt"} <= set(os.listdir(run_path))
     tags = EventAccumulator(run_path).Reload().Tags()["scalars"]
     assert all(tag in tags for tag in TAGS), sorted(set(TAGS) - set(tags))
