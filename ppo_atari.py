@@ -8,6 +8,7 @@ preprocessing: Mnih et al. 2015 (Nature CNN); implementation details as in Huang
 Details of Proximal Policy Optimization" (ICLR blog track), i.e. CleanRL's `ppo_atari.py`.
 """
 
+import contextlib
 import errno
 import fcntl
 import importlib.util
@@ -17,6 +18,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -259,6 +261,12 @@ def make_env(env_id: str, noop_max: int = 30, capture_video: bool = False, video
         return SavableAtari(gym.wrappers.TimeLimit(env, FRAMES_PER_EPISODE // 4))
 
     return thunk
+
+
+# One env's memory in bytes and its creation time in seconds on one core (docs/BENCHMARKS.md, "Set-up cost"): `ale`
+# in ale-py's C++ vector env, `sync` in this process, `async` a worker process of its own (its private
+# memory once a garbage collection in it has copied the pages it shared with this process)
+ENV_COST = {"ale": (2 * 2**20, 0.14), "sync": (2 * 2**20, 0.2), "async": (55 * 2**20, 0.43)}
 
 
 def make_vector_env(env_id: str, num_envs: int, mode: str, noop_max: int = 30, capture_video: bool = False,
@@ -580,14 +588,19 @@ def check_run_dir(run_dir: str) -> None:
 
 
 def check_memory(args: Args) -> None:
-    """Raise ValueError if the rollout (uint8 frames and its float32 minibatch copies) would not fit in memory."""
+    """Raise ValueError if the rollout (uint8 frames and its float32 minibatch copies) and the training and evaluation
+    envs (ENV_COST; evaluation envs with --capture-video run in this process) would not fit in memory."""
     frames = batch_size(args) * 4 * 84 * 84
-    needed = frames + 4 * frames // args.num_minibatches * 3  # storage, one float minibatch, its activations (rough)
-    limit = memory_limit()
+    rollout_bytes = frames + 4 * frames // args.num_minibatches * 3  # storage, one float minibatch, its activations
+    eval_mode = "sync" if args.capture_video else args.vector_env_mode  # make_vector_env's rule
+    env_bytes = args.num_envs * ENV_COST[args.vector_env_mode][0] + args.eval_episodes * ENV_COST[eval_mode][0]
+    needed, limit = rollout_bytes + env_bytes, memory_limit()
     if needed > limit:
-        raise ValueError(f"--num-envs {args.num_envs} --num-steps {args.num_steps} need about "
-                         f"{needed / 2**30:.1f} GiB for the rollout, more than the {limit / 2**30:.1f} GiB this "
-                         "process may use")  # fmt: skip
+        gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+        raise ValueError(f"--num-envs {args.num_envs} ({args.vector_env_mode}), --num-steps {args.num_steps} and "
+                         f"--eval-episodes {args.eval_episodes} need about {gib(needed)} GiB (rollout "
+                         f"{gib(rollout_bytes)}, envs {gib(env_bytes)}), more than the {gib(limit)} GiB this process "
+                         "may use")  # fmt: skip
 
 
 def memory_limit() -> int:
@@ -610,10 +623,12 @@ def check_finite(name: str, value: torch.Tensor, global_step: int) -> None:
 
 
 @torch.inference_mode()
-def evaluate(agent, eval_envs, seed: int, device, episodes: int, sampled: bool, prefix: str = "eval") -> dict:
+def evaluate(agent, eval_envs, seed: int, device, episodes: int, sampled: bool, prefix: str = "eval",
+             report=None) -> dict:  # fmt: skip
     """`episodes` whole games (all lives, raw score, no-op starts, sticky actions as in training) in batches of
     `eval_envs.num_envs`: env i of batch k starts from `reset(seed=seed + k * num_envs + i)`. Actions: sampled from
     the policy with a generator seeded `seed + k * num_envs` (training's streams untouched) or greedy (argmax).
+    `report(games ended so far)`, if given, is called at every step.
 
     Returns {f"{prefix}/return": mean score, f"{prefix}/length": mean length in agent steps}.
     """
@@ -624,6 +639,8 @@ def evaluate(agent, eval_envs, seed: int, device, episodes: int, sampled: bool, 
         obs, _ = eval_envs.reset(seed=batch_seed)
         score, length, running = np.zeros(n), np.zeros(n, np.int64), np.ones(n, bool)
         while running.any():
+            if report is not None:
+                report(len(returns) + int((~running).sum()))
             logits, _ = agent(torch.as_tensor(obs, device=device))
             actions = sample_actions(logits, generator) if sampled else logits.argmax(1)
             obs, rewards, terminated, truncated, _ = eval_envs.step(actions.cpu().numpy())
@@ -843,21 +860,49 @@ def lock_run_folder(run_path: str, new: bool = False):
 
 
 class StopRequest:
-    """Records a SIGUSR1, a SIGTERM (Slurm's warning signal, preemption, time limit) or a first SIGINT (Ctrl-C): the
-    training loop stops at its next checkpoint boundary (the end of the episode, vector step or update), writes a
-    checkpoint and exits with EXIT_INTERRUPTED. A second SIGINT aborts at once: it kills the child processes (async
-    env workers) and ends the process by SIGINT, as an uncaught Ctrl-C does but without the traceback (the shell's
-    exit status 130); the run folder keeps its last checkpoint. Forked children inherit the handler and ignore these
-    signals (a Ctrl-C at a terminal reaches them too)."""
+    """SIGUSR1, SIGTERM (Slurm's warning signal, preemption, time limit) and SIGINT (Ctrl-C), from the start of `main`.
 
-    def __init__(self):
-        self.signum, self.sigints, self.pid = None, 0, os.getpid()
-        for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+    During set-up (until `training()`) there is nothing to checkpoint: a signal ends the process at once with
+    EXIT_INTERRUPTED, after killing its child processes (async env workers) and deleting the run folder if this
+    process made it (`make_run_folder`; a resumed run's folder and its checkpoint stay). From `training()` on, a
+    SIGUSR1, a SIGTERM or a first SIGINT is recorded: the training loop stops at its next checkpoint boundary (the end
+    of the episode, vector step or update), writes a checkpoint and exits with EXIT_INTERRUPTED. A second SIGINT
+    aborts at once: it kills the child processes and ends the process by SIGINT, as an uncaught Ctrl-C does but
+    without the traceback (the shell's exit status 130); the run folder keeps its last checkpoint. Forked children
+    inherit the handler and ignore these signals (a Ctrl-C at a terminal reaches them too)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, run_name: str):
+        self.run_name, self.signum, self.sigints, self.pid = run_name, None, 0, os.getpid()
+        self.in_setup, self.new_folder, self.started = True, None, time.monotonic()
+        for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
+
+    def make_run_folder(self, run_path: str):
+        """`lock_run_folder(run_path, new=True)`, the signals held back until the folder is known to be this process's
+        (made by it, not found), so that a signal during set-up deletes this folder and never another."""
+        existed = os.path.lexists(run_path)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            lock = lock_run_folder(run_path, new=True)
+            self.new_folder = None if existed else run_path
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+        return lock
+
+    def training(self) -> None:
+        """Set-up is over: from now on a signal is recorded, and the training loop checkpoints before it stops. Says
+        so on stderr, with the time set-up took."""
+        self.in_setup = False
+        print(f"[{self.run_name}] set-up done in {clock(time.monotonic() - self.started)}: training",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:  # an async env worker: its parent stops it
             return
+        if self.in_setup:
+            self._end_setup(signum)
         self.signum = signum
         if signum != signal.SIGINT:
             return
@@ -872,6 +917,19 @@ class StopRequest:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # ends the process by SIGINT, as Python does after a KeyboardInterrupt
         os._exit(128 + signal.SIGINT)  # not reached
+
+    def _end_setup(self, signum) -> None:
+        """A signal during set-up: the process ends now with EXIT_INTERRUPTED, leaving no folder that it made."""
+        for child in multiprocessing.active_children():  # async env workers
+            child.kill()
+        if self.new_folder is not None:
+            shutil.rmtree(self.new_folder, ignore_errors=True)
+            outcome = f"run folder {self.new_folder} deleted; the same command starts the run again"
+        else:
+            outcome = "the same command starts the run again, or resumes it from its last checkpoint"
+        os.write(2, f"[{self.run_name}] stopped by {signal.Signals(signum).name} during set-up, before training: "
+                    f"nothing to checkpoint; {outcome}\n".encode())  # fmt: skip
+        os._exit(EXIT_INTERRUPTED)
 
 
 class Interrupted(Exception):
@@ -904,20 +962,96 @@ def num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def clock(seconds: float) -> str:
+    """A duration as H:MM:SS."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+@contextlib.contextmanager
+def setup_step(run_name: str, doing: str, estimate_s: float = 0.0, quiet_s: float = 5.0):
+    """Say on stderr what set-up is doing while it takes more than `quiet_s` seconds: at once (with `estimate_s`)
+    when the estimate says it will, else once it has; then every 30 s the time so far, and at the end the time it
+    took. A SIGALRM timer rather than a thread: async env workers are forked during set-up, and a fork must not copy
+    a lock that another thread holds."""
+    start, said = time.monotonic(), []
+
+    def say(*_) -> None:
+        if said:
+            text = f"{doing}: {clock(time.monotonic() - start)} so far"
+        else:
+            text = doing + (f", estimated {clock(estimate_s)}" if estimate_s else "") + "..."
+        said.append(text)
+        os.write(2, f"[{run_name}] {text}\n".encode())  # not print: this may interrupt a print of the main thread
+
+    signal.signal(signal.SIGALRM, say)
+    if estimate_s > quiet_s:
+        say()
+    signal.setitimer(signal.ITIMER_REAL, 30.0 if said else quiet_s, 30.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, lambda *_: None)  # a tick already on its way lands here (SIG_DFL would end us)
+        if said:
+            os.write(2, f"[{run_name}] {doing}: done in {clock(time.monotonic() - start)}\n".encode())
+
+
+def report_finished(run_name: str, run_path: str, final: dict) -> None:
+    """The last line of a run that ended: on stderr, its folder and its held-out result (without a held-out
+    evaluation, `--final-eval-episodes 0`, the last periodic one)."""
+    values = lambda prefix: ", ".join(f"{key[len(prefix) :]} {value:.4g}" for key, value in final.items()
+                                      if key.startswith(prefix) and key != "heldout/episodes")  # noqa: E731  # fmt: skip
+    if "heldout/episodes" in final:
+        result = f"held-out {values('heldout/')} over {final['heldout/episodes']} episodes"
+    else:
+        result = f"no held-out evaluation; last eval {values('eval/')}"
+    print(f"[{run_name}] finished at global_step {final['global_step']}: {result}; run folder {run_path}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines): the step,
-    SPS and the value of `metric` (e.g. "eval/return") in the latest evaluation record."""
+    """Progress lines on stderr (stdout carries only the JSON eval lines): the training's (`maybe_print`) and the
+    held-out evaluation's (`evaluating`), each at most one per `interval_s` seconds. `metric` is the evaluation result
+    that the training line shows (e.g. "eval/return")."""
 
     def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
         self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
-        self.last = time.time()
+        self.start = time.time()
+        self.previous, self.printed = None, None  # (time, global_step) of the last call; time of the last line
+        self.eval_start = self.eval_printed = None
 
-    def maybe_print(self, global_step: int, sps: int, last_eval: dict | None) -> None:
-        if time.time() - self.last >= self.interval_s:
-            self.last = time.time()
-            value = (last_eval or {}).get(self.metric)
-            print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last {self.metric} {value}", file=sys.stderr, flush=True)  # fmt: skip
+    def say(self, text: str) -> None:
+        print(f"[{self.run_name}] {text}", file=sys.stderr, flush=True)
+
+    def maybe_print(self, global_step: int, last_eval: dict | None) -> None:
+        """Called at regular points of the loop (every update, or every 100 updates): from the second call on, at most
+        one line per interval with the step, percent, steps/s since the previous call (the steady rate, without the
+        set-up and the warm-up), the time since training started in this process, the ETA of the last step at the
+        steady rate, and the last evaluation's `metric`."""
+        now, previous = time.time(), self.previous
+        self.previous = (now, global_step)
+        if previous is None or (self.printed is not None and now - self.printed < self.interval_s):
+            return
+        self.printed, rate = now, (global_step - previous[1]) / max(now - previous[0], 1e-9)
+        eta = clock((self.total - global_step) / rate) if rate > 0 else "unknown"
+        last = "none yet" if last_eval is None else f"{self.metric[5:]} {last_eval[self.metric]:.4g}"
+        speed = f"{rate:.{int(rate < 10)}f} steps/s"  # a decimal below 10
+        self.say(f"step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%), {speed}, "
+                 f"elapsed {clock(now - self.start)}, ETA {eta}, last eval {last}")  # fmt: skip
+
+    def evaluating(self, done: int, episodes: int) -> None:
+        """The held-out evaluation's progress (`done` of its `episodes` have ended): a line at the first call, then at
+        most one per interval with the episodes done, the time since it started and the ETA of its last episode at
+        its rate so far."""
+        now = time.time()
+        if self.eval_start is None:
+            self.eval_start = self.eval_printed = now
+            self.say(f"held-out evaluation: {episodes} episodes...")
+        elif 0 < done < episodes and now - self.eval_printed >= self.interval_s:
+            self.eval_printed, elapsed = now, now - self.eval_start
+            eta = clock(elapsed * (episodes - done) / done)
+            self.say(f"held-out evaluation: {done}/{episodes} episodes, elapsed {clock(elapsed)}, ETA {eta}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -951,6 +1085,7 @@ def main(args: Args) -> int:
     env_name = args.env_id.replace("/", "_")  # ALE/Breakout-v5 -> ALE_Breakout-v5
     args.run_name = args.run_name or f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_path = os.path.join(args.run_dir, args.run_name)
+    stop = StopRequest(args.run_name)  # first: a signal during set-up ends the process at once, leaving nothing behind
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -961,28 +1096,33 @@ def main(args: Args) -> int:
     warn_emulated_bf16(args.bf16, device)
     try:
         lock = lock_run_folder(run_path)  # a run's folder: locked before its checkpoint is read (None: none yet)
-        saved = resume_state(args, run_path)  # read and checked before anything is written
+        with setup_step(args.run_name, f"reading {run_path}/{CHECKPOINT_FILE}"):
+            saved = resume_state(args, run_path)  # read and checked before anything is written
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if saved is not None and is_complete(run_path, num_iterations(args) * batch_size(args)):
         print(f"run {run_path} already ended at global_step {saved['global_step']}; nothing to do", file=sys.stderr)
         return 0
-    stop = StopRequest()  # before the envs: async env workers forked later inherit the handler and ignore the signal
-    envs = make_vector_env(args.env_id, args.num_envs, args.vector_env_mode)
+    with setup_step(args.run_name, f"making {args.num_envs} {args.env_id} envs ({args.vector_env_mode})",
+                    args.num_envs * ENV_COST[args.vector_env_mode][1]):  # fmt: skip
+        envs = make_vector_env(args.env_id, args.num_envs, args.vector_env_mode)
     agent = Agent(envs.single_action_space.n).to(device)  # before the run folder: a failure here leaves nothing
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     params = {"agent_params": num_params(agent)}
     if saved is None:
         try:
-            lock = lock_run_folder(run_path, new=True)  # made and locked before anything is written in it
+            lock = stop.make_run_folder(run_path)  # made and locked before anything is written in it
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         with open(os.path.join(run_path, "config.json"), "w") as f:
             json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
-    eval_envs = make_vector_env(args.env_id, args.eval_episodes, args.vector_env_mode, capture_video=args.capture_video,
-                                video_dir=os.path.join(run_path, "videos"))  # fmt: skip
+    eval_mode = "sync" if args.capture_video else args.vector_env_mode  # make_vector_env's rule
+    with setup_step(args.run_name, f"making {args.eval_episodes} evaluation envs ({eval_mode})",
+                    args.eval_episodes * ENV_COST[eval_mode][1]):  # fmt: skip
+        eval_envs = make_vector_env(args.env_id, args.eval_episodes, args.vector_env_mode,
+                                    capture_video=args.capture_video, video_dir=f"{run_path}/videos")  # fmt: skip
     minibatch_rng = np.random.default_rng(np.random.SeedSequence(args.seed))
     if saved is None:
         loop = LoopState(next_eval=args.eval_frequency, next_checkpoint=args.checkpoint_frequency)
@@ -1001,6 +1141,7 @@ def main(args: Args) -> int:
     writer = SummaryWriter(run_path, purge_step=loop.global_step + 1 if loop.global_step else None)
     if loop.global_step == 0:
         writer.add_text("hyperparameters", hparams_text(args))
+    stop.training()  # set-up is over: from here on a signal is answered with a checkpoint
     try:
         final = train(args, envs, eval_envs, agent, optimizer, writer, run_path, device, loop, minibatch_rng, stop,
                       None if saved is None else saved["envs"])  # fmt: skip
@@ -1016,6 +1157,7 @@ def main(args: Args) -> int:
         eval_envs.close()
     with open(os.path.join(run_path, "final_eval.json"), "w") as f:
         json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
+    report_finished(args.run_name, run_path, final)
     if lock is not None:
         lock.close()  # the folder is free for the next process (on any other return, the process's end frees it)
     return 0
@@ -1056,13 +1198,13 @@ def train(args, envs, eval_envs, agent, optimizer, writer, run_path, device, loo
         sps = int((loop.global_step - start_step) / (time.time() - start_time))
         for key, value in {**logs, "charts/SPS": sps}.items():
             writer.add_scalar(key, value, loop.global_step)
-        progress.maybe_print(loop.global_step, sps, loop.last_eval)
+        progress.maybe_print(loop.global_step, loop.last_eval)
         if loop.global_step >= loop.next_eval or loop.global_step >= last_step:
             loop.last_eval = run_evaluation(args, agent, optimizer, eval_envs, loop, writer, run_path, device)
             loop.eval_idx += 1
             loop.next_eval = (loop.global_step // args.eval_frequency + 1) * args.eval_frequency
         maybe_checkpoint(args, agent, optimizer, loop, minibatch_rng, (envs, state), run_path, stop, last_step)
-    heldout = heldout_evaluation(args, agent, eval_envs, writer, loop.global_step, device)
+    heldout = heldout_evaluation(args, agent, eval_envs, writer, loop.global_step, device, progress)
     return {**loop.last_eval, **heldout}
 
 
@@ -1088,7 +1230,7 @@ def set_video_trigger(eval_envs) -> None:
     eval_envs.envs[0].set_wrapper_attr("episode_trigger", lambda _: next(first, False))
 
 
-def heldout_evaluation(args, agent, eval_envs, writer, global_step: int, device) -> dict:
+def heldout_evaluation(args, agent, eval_envs, writer, global_step: int, device, progress: Progress) -> dict:
     """The final evaluation on `final_eval_episodes` games whose seeds no periodic evaluation uses
     (seed + 2_000_000 + k): logged as `heldout/*` and printed as one JSON line without `eval_idx`."""
     if args.final_eval_episodes == 0:
@@ -1096,7 +1238,7 @@ def heldout_evaluation(args, agent, eval_envs, writer, global_step: int, device)
     if args.capture_video:
         set_video_trigger(eval_envs)
     result = evaluate(agent, eval_envs, args.seed + 2_000_000, device, args.final_eval_episodes, args.eval_sampled,
-                      prefix="heldout")  # fmt: skip
+                      "heldout", lambda done: progress.evaluating(done, args.final_eval_episodes))  # fmt: skip
     for key, value in result.items():
         writer.add_scalar(key, value, global_step)
     record = {"global_step": global_step, **result, "heldout/episodes": args.final_eval_episodes}

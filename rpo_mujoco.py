@@ -9,6 +9,7 @@ PPO: Schulman et al. 2017 (arXiv:1707.06347), Eq. 7, 9, 11-12; details as in Hua
 Implementation Details of Proximal Policy Optimization" (continuous-action details), i.e. CleanRL's PPO.
 """
 
+import contextlib
 import errno
 import fcntl
 import importlib.util
@@ -17,6 +18,7 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -199,6 +201,12 @@ def make_env(env_id: str, capture_video: bool = False, video_dir: str = ""):
         return SavableMujoco(env)
 
     return thunk
+
+
+# One env's memory in bytes and its creation time in seconds on one core, on Humanoid-v5, the largest of the MuJoCo v5
+# tasks (docs/BENCHMARKS.md, "Set-up cost"): `sync` in this process, `async` a worker process of its own (its
+# private memory once a garbage collection in it has copied the pages it shared with this process)
+ENV_COST = {"sync": (1.5 * 2**20, 0.008), "async": (55 * 2**20, 0.055)}
 
 
 def make_vector_env(env_id: str, num_envs: int, mode: str, capture_video: bool = False, video_dir: str = ""):
@@ -515,8 +523,9 @@ def supported_env_ids() -> list[str]:
     return sorted(k for k, spec in gym.registry.items() if k.endswith("-v5") and "mujoco" in str(spec.entry_point))
 
 
-def check_env(env_id: str) -> None:
-    """Raise ValueError if `env_id` is not registered or lacks 1-d Box observations or Box actions."""
+def check_env(env_id: str) -> tuple[int, int]:
+    """Raise ValueError if `env_id` is not registered or lacks 1-d Box observations or Box actions; else return the
+    observation and action sizes."""
     if env_id not in gym.registry:
         raise ValueError(f"unknown --env-id {env_id!r}; supported: {', '.join(supported_env_ids())} (or any "
                          "registered env with Box observations and actions)")  # fmt: skip
@@ -527,6 +536,34 @@ def check_env(env_id: str) -> None:
         raise ValueError(f"--env-id must have a Box action space, got {env_id} with {action_space}")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise ValueError(f"--env-id must have 1-d Box observations, got {env_id} with {obs_space}")
+    return obs_space.shape[0], action_space.shape[0]
+
+
+def check_memory(args: Args, obs_dim: int, act_dim: int) -> None:
+    """Raise ValueError if the rollout (float32) and the training and evaluation envs (ENV_COST) would not fit in
+    memory."""
+    rollout_bytes = 4 * batch_size(args) * (obs_dim + act_dim + 4)  # observations, actions, log-probs, rewards, ...
+    env_bytes = args.num_envs * ENV_COST[args.vector_env_mode][0] + args.eval_episodes * ENV_COST["sync"][0]
+    needed, limit = rollout_bytes + env_bytes, memory_limit()
+    if needed > limit:
+        gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+        raise ValueError(f"--num-envs {args.num_envs} ({args.vector_env_mode}), --num-steps {args.num_steps} and "
+                         f"--eval-episodes {args.eval_episodes} need about {gib(needed)} GiB (rollout "
+                         f"{gib(rollout_bytes)}, envs {gib(env_bytes)}), more than the {gib(limit)} GiB this process "
+                         "may use")  # fmt: skip
+
+
+def memory_limit() -> int:
+    """Bytes this process may use: physical memory, or its cgroup v2 limit (e.g. a Slurm job's --mem) if lower."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/self/cgroup") as f:
+            group_path = next(line[3:].strip() for line in f if line.startswith("0::"))
+        with open(f"/sys/fs/cgroup{group_path}/memory.max") as f:
+            value = f.read().strip()
+    except (OSError, StopIteration):
+        return limit
+    return min(limit, int(value)) if value.isdigit() else limit
 
 
 def validate_args(args: Args) -> None:
@@ -567,7 +604,8 @@ def validate_args(args: Args) -> None:
             raise ValueError(message)
     if args.track and importlib.util.find_spec("wandb") is None:
         raise ValueError("--track needs Weights and Biases: pip install wandb")
-    check_env(args.env_id)
+    obs_dim, act_dim = check_env(args.env_id)
+    check_memory(args, obs_dim, act_dim)
     if args.capture_video:
         check_rendering(args.env_id)
 
@@ -618,16 +656,20 @@ def check_finite(name: str, value: torch.Tensor, global_step: int) -> None:
         raise FloatingPointError(f"{name} is {value.item()} at global_step {global_step}")
 
 
-def evaluate(agent, normalizer: Normalizer, eval_envs, seed: int, episodes: int, prefix: str = "eval") -> dict:
+def evaluate(agent, normalizer: Normalizer, eval_envs, seed: int, episodes: int, prefix: str = "eval",
+             report=None) -> dict:  # fmt: skip
     """`episodes` deterministic episodes (the mean action clipped to the bounds; no random number is drawn) with the
     observation statistics frozen, in batches of `eval_envs.num_envs`: env i of batch k starts from
-    `reset(seed=seed + k * num_envs + i)`. Returns {f"{prefix}/return": mean raw return, f"{prefix}/length"}."""
+    `reset(seed=seed + k * num_envs + i)`; `report(episodes ended so far)`, if given, is called at every step.
+    Returns {f"{prefix}/return": mean raw return, f"{prefix}/length"}."""
     returns, lengths, n = [], [], eval_envs.num_envs
     space, policy = eval_envs.single_action_space, NumpyPolicy(agent)
     for batch_seed in range(seed, seed + episodes, n):
         obs, _ = eval_envs.reset(seed=batch_seed)
         score, length, running = np.zeros(n), np.zeros(n, np.int64), np.ones(n, bool)
         while running.any():
+            if report is not None:
+                report(len(returns) + int((~running).sum()))
             mean = policy(normalizer.obs(obs, update=False))[0]
             obs, rewards, terminated, truncated, _ = eval_envs.step(np.clip(mean, space.low, space.high))
             score += rewards * running
@@ -839,21 +881,49 @@ def lock_run_folder(run_path: str, new: bool = False):
 
 
 class StopRequest:
-    """Records a SIGUSR1, a SIGTERM (Slurm's warning signal, preemption, time limit) or a first SIGINT (Ctrl-C): the
-    training loop stops at its next checkpoint boundary (the end of the episode, vector step or update), writes a
-    checkpoint and exits with EXIT_INTERRUPTED. A second SIGINT aborts at once: it kills the child processes (async
-    env workers) and ends the process by SIGINT, as an uncaught Ctrl-C does but without the traceback (the shell's
-    exit status 130); the run folder keeps its last checkpoint. Forked children inherit the handler and ignore these
-    signals (a Ctrl-C at a terminal reaches them too)."""
+    """SIGUSR1, SIGTERM (Slurm's warning signal, preemption, time limit) and SIGINT (Ctrl-C), from the start of `main`.
 
-    def __init__(self):
-        self.signum, self.sigints, self.pid = None, 0, os.getpid()
-        for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+    During set-up (until `training()`) there is nothing to checkpoint: a signal ends the process at once with
+    EXIT_INTERRUPTED, after killing its child processes (async env workers) and deleting the run folder if this
+    process made it (`make_run_folder`; a resumed run's folder and its checkpoint stay). From `training()` on, a
+    SIGUSR1, a SIGTERM or a first SIGINT is recorded: the training loop stops at its next checkpoint boundary (the end
+    of the episode, vector step or update), writes a checkpoint and exits with EXIT_INTERRUPTED. A second SIGINT
+    aborts at once: it kills the child processes and ends the process by SIGINT, as an uncaught Ctrl-C does but
+    without the traceback (the shell's exit status 130); the run folder keeps its last checkpoint. Forked children
+    inherit the handler and ignore these signals (a Ctrl-C at a terminal reaches them too)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, run_name: str):
+        self.run_name, self.signum, self.sigints, self.pid = run_name, None, 0, os.getpid()
+        self.in_setup, self.new_folder, self.started = True, None, time.monotonic()
+        for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
+
+    def make_run_folder(self, run_path: str):
+        """`lock_run_folder(run_path, new=True)`, the signals held back until the folder is known to be this process's
+        (made by it, not found), so that a signal during set-up deletes this folder and never another."""
+        existed = os.path.lexists(run_path)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            lock = lock_run_folder(run_path, new=True)
+            self.new_folder = None if existed else run_path
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+        return lock
+
+    def training(self) -> None:
+        """Set-up is over: from now on a signal is recorded, and the training loop checkpoints before it stops. Says
+        so on stderr, with the time set-up took."""
+        self.in_setup = False
+        print(f"[{self.run_name}] set-up done in {clock(time.monotonic() - self.started)}: training",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:  # an async env worker: its parent stops it
             return
+        if self.in_setup:
+            self._end_setup(signum)
         self.signum = signum
         if signum != signal.SIGINT:
             return
@@ -868,6 +938,19 @@ class StopRequest:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # ends the process by SIGINT, as Python does after a KeyboardInterrupt
         os._exit(128 + signal.SIGINT)  # not reached
+
+    def _end_setup(self, signum) -> None:
+        """A signal during set-up: the process ends now with EXIT_INTERRUPTED, leaving no folder that it made."""
+        for child in multiprocessing.active_children():  # async env workers
+            child.kill()
+        if self.new_folder is not None:
+            shutil.rmtree(self.new_folder, ignore_errors=True)
+            outcome = f"run folder {self.new_folder} deleted; the same command starts the run again"
+        else:
+            outcome = "the same command starts the run again, or resumes it from its last checkpoint"
+        os.write(2, f"[{self.run_name}] stopped by {signal.Signals(signum).name} during set-up, before training: "
+                    f"nothing to checkpoint; {outcome}\n".encode())  # fmt: skip
+        os._exit(EXIT_INTERRUPTED)
 
 
 class Interrupted(Exception):
@@ -908,20 +991,96 @@ def num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def clock(seconds: float) -> str:
+    """A duration as H:MM:SS."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+@contextlib.contextmanager
+def setup_step(run_name: str, doing: str, estimate_s: float = 0.0, quiet_s: float = 5.0):
+    """Say on stderr what set-up is doing while it takes more than `quiet_s` seconds: at once (with `estimate_s`)
+    when the estimate says it will, else once it has; then every 30 s the time so far, and at the end the time it
+    took. A SIGALRM timer rather than a thread: async env workers are forked during set-up, and a fork must not copy
+    a lock that another thread holds."""
+    start, said = time.monotonic(), []
+
+    def say(*_) -> None:
+        if said:
+            text = f"{doing}: {clock(time.monotonic() - start)} so far"
+        else:
+            text = doing + (f", estimated {clock(estimate_s)}" if estimate_s else "") + "..."
+        said.append(text)
+        os.write(2, f"[{run_name}] {text}\n".encode())  # not print: this may interrupt a print of the main thread
+
+    signal.signal(signal.SIGALRM, say)
+    if estimate_s > quiet_s:
+        say()
+    signal.setitimer(signal.ITIMER_REAL, 30.0 if said else quiet_s, 30.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, lambda *_: None)  # a tick already on its way lands here (SIG_DFL would end us)
+        if said:
+            os.write(2, f"[{run_name}] {doing}: done in {clock(time.monotonic() - start)}\n".encode())
+
+
+def report_finished(run_name: str, run_path: str, final: dict) -> None:
+    """The last line of a run that ended: on stderr, its folder and its held-out result (without a held-out
+    evaluation, `--final-eval-episodes 0`, the last periodic one)."""
+    values = lambda prefix: ", ".join(f"{key[len(prefix) :]} {value:.4g}" for key, value in final.items()
+                                      if key.startswith(prefix) and key != "heldout/episodes")  # noqa: E731  # fmt: skip
+    if "heldout/episodes" in final:
+        result = f"held-out {values('heldout/')} over {final['heldout/episodes']} episodes"
+    else:
+        result = f"no held-out evaluation; last eval {values('eval/')}"
+    print(f"[{run_name}] finished at global_step {final['global_step']}: {result}; run folder {run_path}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines): the step,
-    SPS and the value of `metric` (e.g. "eval/return") in the latest evaluation record."""
+    """Progress lines on stderr (stdout carries only the JSON eval lines): the training's (`maybe_print`) and the
+    held-out evaluation's (`evaluating`), each at most one per `interval_s` seconds. `metric` is the evaluation result
+    that the training line shows (e.g. "eval/return")."""
 
     def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
         self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
-        self.last = time.time()
+        self.start = time.time()
+        self.previous, self.printed = None, None  # (time, global_step) of the last call; time of the last line
+        self.eval_start = self.eval_printed = None
 
-    def maybe_print(self, global_step: int, sps: int, last_eval: dict | None) -> None:
-        if time.time() - self.last >= self.interval_s:
-            self.last = time.time()
-            value = (last_eval or {}).get(self.metric)
-            print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last {self.metric} {value}", file=sys.stderr, flush=True)  # fmt: skip
+    def say(self, text: str) -> None:
+        print(f"[{self.run_name}] {text}", file=sys.stderr, flush=True)
+
+    def maybe_print(self, global_step: int, last_eval: dict | None) -> None:
+        """Called at regular points of the loop (every update, or every 100 updates): from the second call on, at most
+        one line per interval with the step, percent, steps/s since the previous call (the steady rate, without the
+        set-up and the warm-up), the time since training started in this process, the ETA of the last step at the
+        steady rate, and the last evaluation's `metric`."""
+        now, previous = time.time(), self.previous
+        self.previous = (now, global_step)
+        if previous is None or (self.printed is not None and now - self.printed < self.interval_s):
+            return
+        self.printed, rate = now, (global_step - previous[1]) / max(now - previous[0], 1e-9)
+        eta = clock((self.total - global_step) / rate) if rate > 0 else "unknown"
+        last = "none yet" if last_eval is None else f"{self.metric[5:]} {last_eval[self.metric]:.4g}"
+        speed = f"{rate:.{int(rate < 10)}f} steps/s"  # a decimal below 10
+        self.say(f"step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%), {speed}, "
+                 f"elapsed {clock(now - self.start)}, ETA {eta}, last eval {last}")  # fmt: skip
+
+    def evaluating(self, done: int, episodes: int) -> None:
+        """The held-out evaluation's progress (`done` of its `episodes` have ended): a line at the first call, then at
+        most one per interval with the episodes done, the time since it started and the ETA of its last episode at
+        its rate so far."""
+        now = time.time()
+        if self.eval_start is None:
+            self.eval_start = self.eval_printed = now
+            self.say(f"held-out evaluation: {episodes} episodes...")
+        elif 0 < done < episodes and now - self.eval_printed >= self.interval_s:
+            self.eval_printed, elapsed = now, now - self.eval_start
+            eta = clock(elapsed * (episodes - done) / done)
+            self.say(f"held-out evaluation: {done}/{episodes} episodes, elapsed {clock(elapsed)}, ETA {eta}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -930,6 +1089,7 @@ class Progress:
 def main(args: Args) -> int:
     args.run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_path = os.path.join(args.run_dir, args.run_name)
+    stop = StopRequest(args.run_name)  # first: a signal during set-up ends the process at once, leaving nothing behind
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -939,28 +1099,32 @@ def main(args: Args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     try:
         lock = lock_run_folder(run_path)  # a run's folder: locked before its checkpoint is read (None: none yet)
-        saved = resume_state(args, run_path)  # read and checked before anything is written
+        with setup_step(args.run_name, f"reading {run_path}/{CHECKPOINT_FILE}"):
+            saved = resume_state(args, run_path)  # read and checked before anything is written
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if saved is not None and is_complete(run_path, num_iterations(args) * batch_size(args)):
         print(f"run {run_path} already ended at global_step {saved['global_step']}; nothing to do", file=sys.stderr)
         return 0
-    stop = StopRequest()  # before the envs: async env workers forked later inherit the handler and ignore the signal
-    envs = make_vector_env(args.env_id, args.num_envs, args.vector_env_mode)
+    with setup_step(args.run_name, f"making {args.num_envs} {args.env_id} envs ({args.vector_env_mode})",
+                    args.num_envs * ENV_COST[args.vector_env_mode][1]):  # fmt: skip
+        envs = make_vector_env(args.env_id, args.num_envs, args.vector_env_mode)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     agent = Agent(obs_dim, act_dim).to(device)  # before the run folder: a failure here leaves nothing behind
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     params = {"agent_params": num_params(agent)}
     if saved is None:
         try:
-            lock = lock_run_folder(run_path, new=True)  # made and locked before anything is written in it
+            lock = stop.make_run_folder(run_path)  # made and locked before anything is written in it
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         with open(os.path.join(run_path, "config.json"), "w") as f:
             json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
-    eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
+    with setup_step(args.run_name, f"making {args.eval_episodes} evaluation envs",
+                    args.eval_episodes * ENV_COST["sync"][1]):  # fmt: skip
+        eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
     minibatch_rng = np.random.default_rng(np.random.SeedSequence(args.seed))
     normalizer = Normalizer((obs_dim,), args.num_envs, args.gamma)
     if saved is None:
@@ -980,6 +1144,7 @@ def main(args: Args) -> int:
     writer = SummaryWriter(run_path, purge_step=loop.global_step + 1 if loop.global_step else None)
     if loop.global_step == 0:
         writer.add_text("hyperparameters", hparams_text(args))
+    stop.training()  # set-up is over: from here on a signal is answered with a checkpoint
     try:
         final = train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path, device, loop,
                       minibatch_rng, stop, None if saved is None else saved["envs"])  # fmt: skip
@@ -995,6 +1160,7 @@ def main(args: Args) -> int:
         eval_envs.close()
     with open(os.path.join(run_path, "final_eval.json"), "w") as f:
         json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
+    report_finished(args.run_name, run_path, final)
     if lock is not None:
         lock.close()  # the folder is free for the next process (on any other return, the process's end frees it)
     return 0
@@ -1030,7 +1196,7 @@ def train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path,
         sps = int((loop.global_step - start_step) / (time.time() - start_time))
         for key, value in {**logs, "charts/SPS": sps}.items():
             writer.add_scalar(key, value, loop.global_step)
-        progress.maybe_print(loop.global_step, sps, loop.last_eval)
+        progress.maybe_print(loop.global_step, loop.last_eval)
         if loop.global_step >= loop.next_eval or loop.global_step >= last_step:
             loop.last_eval = run_evaluation(args, agent, optimizer, normalizer, eval_envs, loop, writer, run_path)
             loop.eval_idx += 1
@@ -1038,7 +1204,7 @@ def train(args, envs, eval_envs, agent, optimizer, normalizer, writer, run_path,
         maybe_checkpoint(args, agent, optimizer, loop, minibatch_rng, (envs, state), run_path, stop, last_step)
     return {
         **loop.last_eval,
-        **heldout_evaluation(args, agent, normalizer, eval_envs, writer, loop.global_step),
+        **heldout_evaluation(args, agent, normalizer, eval_envs, writer, loop.global_step, progress),
     }
 
 
@@ -1064,14 +1230,15 @@ def set_video_trigger(eval_envs) -> None:
     eval_envs.envs[0].set_wrapper_attr("episode_trigger", lambda _: next(first, False))
 
 
-def heldout_evaluation(args, agent, normalizer, eval_envs, writer, global_step: int) -> dict:
+def heldout_evaluation(args, agent, normalizer, eval_envs, writer, global_step: int, progress: Progress) -> dict:
     """The final evaluation on `final_eval_episodes` episodes whose seeds no periodic evaluation uses
     (seed + 2_000_000 + k): logged as `heldout/*` and printed as one JSON line without `eval_idx`."""
     if args.final_eval_episodes == 0:
         return {}
     if args.capture_video:
         set_video_trigger(eval_envs)
-    result = evaluate(agent, normalizer, eval_envs, args.seed + 2_000_000, args.final_eval_episodes, prefix="heldout")
+    report = lambda done: progress.evaluating(done, args.final_eval_episodes)  # noqa: E731
+    result = evaluate(agent, normalizer, eval_envs, args.seed + 2_000_000, args.final_eval_episodes, "heldout", report)
     for key, value in result.items():
         writer.add_scalar(key, value, global_step)
     record = {"global_step": global_step, **result, "heldout/episodes": args.final_eval_episodes}

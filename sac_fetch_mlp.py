@@ -7,6 +7,7 @@ Its twin `sac_fetch_equivariant.py` (D_N-equivariant networks) differs only in t
 imports escnn.
 """
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -16,6 +17,7 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -287,6 +289,12 @@ def make_env(env_id: str, capture_video: bool = False, video_dir: str = ""):
     return thunk
 
 
+# One env's memory in bytes and its creation time in seconds on one core (docs/BENCHMARKS.md, "Set-up cost"): `sync`
+# in this process, `async` a worker process of its own (its private memory once a garbage
+# collection in it has copied the pages it shared with this process)
+ENV_COST = {"sync": (10 * 2**20, 0.04), "async": (100 * 2**20, 0.16)}
+
+
 def make_vector_env(env_id: str, num_envs: int, mode: str, capture_video: bool = False, video_dir: str = ""):
     """Vector env of `num_envs` wrapped Fetch envs without autoreset: Fetch episodes all last `max_episode_steps` and
     start together, so the training loop resets every env at each episode boundary (where checkpoints are taken)."""
@@ -313,6 +321,12 @@ NETWORK_ARGS = ("hidden_sizes",)
 def dense_widths(in_dim: int, out_dim: int, args: Args) -> list[int]:
     """Widths of one network's layers as dense matrices."""
     return [in_dim, *args.hidden_sizes, out_dim]
+
+
+def network_build_cost(args: Args) -> tuple[str, int]:
+    """What building the networks is, for the set-up line, and the bytes it needs beyond the dense weights that
+    `check_memory` counts (none)."""
+    return "building the MLP networks", 0
 
 
 def validate_network_args(args: Args) -> None:
@@ -668,7 +682,8 @@ def validate_args(args: Args) -> None:
     checks = [
         (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1, got {args.total_timesteps}"),
-        (args.num_envs >= 1, f"--num-envs must be >= 1, got {args.num_envs}"),
+        (1 <= args.num_envs <= args.total_timesteps,
+         f"--num-envs must be in [1, --total-timesteps={args.total_timesteps}], got {args.num_envs}"),
         (args.buffer_size >= 50, f"--buffer-size must be >= 50 (one episode), got {args.buffer_size}"),
         (1 <= args.batch_size <= args.buffer_size,
          f"--batch-size must be in [1, --buffer-size={args.buffer_size}], got {args.batch_size}"),
@@ -721,20 +736,23 @@ def check_run_dir(run_dir: str) -> None:
 
 
 def check_memory(args: Args) -> None:
-    """Raise ValueError if the full replay buffer and the five networks (dense weights, gradients, Adam moments and
-    escnn's expanded copy: 5 floats per dense weight) would need more memory than this process may use."""
+    """Raise ValueError if the run would need more memory than this process may use: the full replay buffer, the five
+    networks (dense weights, gradients, Adam moments and escnn's expanded copy: 5 floats per dense weight) with what
+    building them takes beyond that (`network_build_cost`), and the training and evaluation envs (ENV_COST)."""
     obs_dim = fields_dim(REACH_FIELDS if "Reach" in args.env_id else OBJECT_FIELDS) + fields_dim(GOAL_FIELDS)
     buffer_bytes = 4 * args.buffer_size * (obs_dim + 7)  # per transition: observation, goals, action (float32)
     weights = lambda widths: sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))  # noqa: E731
     actor, critic = dense_widths(obs_dim, 8, args), dense_widths(obs_dim + fields_dim(ACTION_FIELDS), 1, args)
-    network_bytes = 4 * 5 * (weights(actor) + 4 * weights(critic))
-    limit = memory_limit()
-    if buffer_bytes + network_bytes > limit:
+    network_bytes = 4 * 5 * (weights(actor) + 4 * weights(critic)) + network_build_cost(args)[1]
+    env_bytes = args.num_envs * ENV_COST[args.vector_env_mode][0] + args.eval_episodes * ENV_COST["sync"][0]
+    needed, limit = buffer_bytes + network_bytes + env_bytes, memory_limit()
+    if needed > limit:
         flags = " ".join(f"--{name.replace('_', '-')} {flag_value(getattr(args, name))}" for name in NETWORK_ARGS)
-        raise ValueError(f"{flags} and --buffer-size {args.buffer_size} need about "
-                         f"{(buffer_bytes + network_bytes) / 2**30:.1f} GiB (networks {network_bytes / 2**30:.1f}, "
-                         f"replay buffer {buffer_bytes / 2**30:.1f}), more than the {limit / 2**30:.1f} GiB "
-                         "this process may use")  # fmt: skip
+        gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+        raise ValueError(f"{flags}, --buffer-size {args.buffer_size}, --num-envs {args.num_envs} "
+                         f"({args.vector_env_mode}) and --eval-episodes {args.eval_episodes} need about {gib(needed)} "
+                         f"GiB (networks {gib(network_bytes)}, replay buffer {gib(buffer_bytes)}, envs "
+                         f"{gib(env_bytes)}), more than the {gib(limit)} GiB this process may use")  # fmt: skip
 
 
 def flag_value(value) -> str:
@@ -802,9 +820,11 @@ def obs_tensor(obs: dict, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(actor, obs_norm, eval_envs, seed: int, device, episodes: int | None = None, prefix: str = "eval") -> dict:
+def evaluate(actor, obs_norm, eval_envs, seed: int, device, episodes: int | None = None, prefix: str = "eval",
+             report=None) -> dict:  # fmt: skip
     """`episodes` deterministic episodes (the squashed mean action; no random number is drawn), default one per eval
-    env, run in batches of `eval_envs.num_envs`: env i of batch k starts from `reset(seed=seed + k * num_envs + i)`.
+    env, run in batches of `eval_envs.num_envs`: env i of batch k starts from `reset(seed=seed + k * num_envs + i)`;
+    `report(episodes done so far)`, if given, is called before each batch.
 
     Returns {f"{prefix}/success_rate": fraction of episodes whose last step has is_success, f"{prefix}/return": mean
     undiscounted return}.
@@ -813,6 +833,8 @@ def evaluate(actor, obs_norm, eval_envs, seed: int, device, episodes: int | None
     episode_length = eval_envs.get_attr("spec")[0].max_episode_steps
     successes, returns = [], []
     for batch_seed in range(seed, seed + episodes, eval_envs.num_envs):
+        if report is not None:
+            report(min(len(returns), episodes))
         obs, _ = eval_envs.reset(seed=batch_seed)
         batch_returns = np.zeros(eval_envs.num_envs)
         for _ in range(episode_length):
@@ -1039,21 +1061,49 @@ def lock_run_folder(run_path: str, new: bool = False):
 
 
 class StopRequest:
-    """Records a SIGUSR1, a SIGTERM (Slurm's warning signal, preemption, time limit) or a first SIGINT (Ctrl-C): the
-    training loop stops at its next checkpoint boundary (the end of the episode, vector step or update), writes a
-    checkpoint and exits with EXIT_INTERRUPTED. A second SIGINT aborts at once: it kills the child processes (async
-    env workers) and ends the process by SIGINT, as an uncaught Ctrl-C does but without the traceback (the shell's
-    exit status 130); the run folder keeps its last checkpoint. Forked children inherit the handler and ignore these
-    signals (a Ctrl-C at a terminal reaches them too)."""
+    """SIGUSR1, SIGTERM (Slurm's warning signal, preemption, time limit) and SIGINT (Ctrl-C), from the start of `main`.
 
-    def __init__(self):
-        self.signum, self.sigints, self.pid = None, 0, os.getpid()
-        for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+    During set-up (until `training()`) there is nothing to checkpoint: a signal ends the process at once with
+    EXIT_INTERRUPTED, after killing its child processes (async env workers) and deleting the run folder if this
+    process made it (`make_run_folder`; a resumed run's folder and its checkpoint stay). From `training()` on, a
+    SIGUSR1, a SIGTERM or a first SIGINT is recorded: the training loop stops at its next checkpoint boundary (the end
+    of the episode, vector step or update), writes a checkpoint and exits with EXIT_INTERRUPTED. A second SIGINT
+    aborts at once: it kills the child processes and ends the process by SIGINT, as an uncaught Ctrl-C does but
+    without the traceback (the shell's exit status 130); the run folder keeps its last checkpoint. Forked children
+    inherit the handler and ignore these signals (a Ctrl-C at a terminal reaches them too)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, run_name: str):
+        self.run_name, self.signum, self.sigints, self.pid = run_name, None, 0, os.getpid()
+        self.in_setup, self.new_folder, self.started = True, None, time.monotonic()
+        for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
+
+    def make_run_folder(self, run_path: str):
+        """`lock_run_folder(run_path, new=True)`, the signals held back until the folder is known to be this process's
+        (made by it, not found), so that a signal during set-up deletes this folder and never another."""
+        existed = os.path.lexists(run_path)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            lock = lock_run_folder(run_path, new=True)
+            self.new_folder = None if existed else run_path
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+        return lock
+
+    def training(self) -> None:
+        """Set-up is over: from now on a signal is recorded, and the training loop checkpoints before it stops. Says
+        so on stderr, with the time set-up took."""
+        self.in_setup = False
+        print(f"[{self.run_name}] set-up done in {clock(time.monotonic() - self.started)}: training",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:  # an async env worker: its parent stops it
             return
+        if self.in_setup:
+            self._end_setup(signum)
         self.signum = signum
         if signum != signal.SIGINT:
             return
@@ -1068,6 +1118,19 @@ class StopRequest:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # ends the process by SIGINT, as Python does after a KeyboardInterrupt
         os._exit(128 + signal.SIGINT)  # not reached
+
+    def _end_setup(self, signum) -> None:
+        """A signal during set-up: the process ends now with EXIT_INTERRUPTED, leaving no folder that it made."""
+        for child in multiprocessing.active_children():  # async env workers
+            child.kill()
+        if self.new_folder is not None:
+            shutil.rmtree(self.new_folder, ignore_errors=True)
+            outcome = f"run folder {self.new_folder} deleted; the same command starts the run again"
+        else:
+            outcome = "the same command starts the run again, or resumes it from its last checkpoint"
+        os.write(2, f"[{self.run_name}] stopped by {signal.Signals(signum).name} during set-up, before training: "
+                    f"nothing to checkpoint; {outcome}\n".encode())  # fmt: skip
+        os._exit(EXIT_INTERRUPTED)
 
 
 class Interrupted(Exception):
@@ -1100,20 +1163,96 @@ def num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def clock(seconds: float) -> str:
+    """A duration as H:MM:SS."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+@contextlib.contextmanager
+def setup_step(run_name: str, doing: str, estimate_s: float = 0.0, quiet_s: float = 5.0):
+    """Say on stderr what set-up is doing while it takes more than `quiet_s` seconds: at once (with `estimate_s`)
+    when the estimate says it will, else once it has; then every 30 s the time so far, and at the end the time it
+    took. A SIGALRM timer rather than a thread: async env workers are forked during set-up, and a fork must not copy
+    a lock that another thread holds."""
+    start, said = time.monotonic(), []
+
+    def say(*_) -> None:
+        if said:
+            text = f"{doing}: {clock(time.monotonic() - start)} so far"
+        else:
+            text = doing + (f", estimated {clock(estimate_s)}" if estimate_s else "") + "..."
+        said.append(text)
+        os.write(2, f"[{run_name}] {text}\n".encode())  # not print: this may interrupt a print of the main thread
+
+    signal.signal(signal.SIGALRM, say)
+    if estimate_s > quiet_s:
+        say()
+    signal.setitimer(signal.ITIMER_REAL, 30.0 if said else quiet_s, 30.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, lambda *_: None)  # a tick already on its way lands here (SIG_DFL would end us)
+        if said:
+            os.write(2, f"[{run_name}] {doing}: done in {clock(time.monotonic() - start)}\n".encode())
+
+
+def report_finished(run_name: str, run_path: str, final: dict) -> None:
+    """The last line of a run that ended: on stderr, its folder and its held-out result (without a held-out
+    evaluation, `--final-eval-episodes 0`, the last periodic one)."""
+    values = lambda prefix: ", ".join(f"{key[len(prefix) :]} {value:.4g}" for key, value in final.items()
+                                      if key.startswith(prefix) and key != "heldout/episodes")  # noqa: E731  # fmt: skip
+    if "heldout/episodes" in final:
+        result = f"held-out {values('heldout/')} over {final['heldout/episodes']} episodes"
+    else:
+        result = f"no held-out evaluation; last eval {values('eval/')}"
+    print(f"[{run_name}] finished at global_step {final['global_step']}: {result}; run folder {run_path}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 class Progress:
-    """At most one progress line on stderr per `interval_s` seconds (stdout carries only the JSON eval lines): the step,
-    SPS and the value of `metric` (e.g. "eval/return") in the latest evaluation record."""
+    """Progress lines on stderr (stdout carries only the JSON eval lines): the training's (`maybe_print`) and the
+    held-out evaluation's (`evaluating`), each at most one per `interval_s` seconds. `metric` is the evaluation result
+    that the training line shows (e.g. "eval/return")."""
 
     def __init__(self, run_name: str, total: int, metric: str, interval_s: float = 30.0):
         self.run_name, self.total, self.metric, self.interval_s = run_name, total, metric, interval_s
-        self.last = time.time()
+        self.start = time.time()
+        self.previous, self.printed = None, None  # (time, global_step) of the last call; time of the last line
+        self.eval_start = self.eval_printed = None
 
-    def maybe_print(self, global_step: int, sps: int, last_eval: dict | None) -> None:
-        if time.time() - self.last >= self.interval_s:
-            self.last = time.time()
-            value = (last_eval or {}).get(self.metric)
-            print(f"[{self.run_name}] step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%) "
-                  f"SPS {sps} last {self.metric} {value}", file=sys.stderr, flush=True)  # fmt: skip
+    def say(self, text: str) -> None:
+        print(f"[{self.run_name}] {text}", file=sys.stderr, flush=True)
+
+    def maybe_print(self, global_step: int, last_eval: dict | None) -> None:
+        """Called at regular points of the loop (every update, or every 100 updates): from the second call on, at most
+        one line per interval with the step, percent, steps/s since the previous call (the steady rate, without the
+        set-up and the warm-up), the time since training started in this process, the ETA of the last step at the
+        steady rate, and the last evaluation's `metric`."""
+        now, previous = time.time(), self.previous
+        self.previous = (now, global_step)
+        if previous is None or (self.printed is not None and now - self.printed < self.interval_s):
+            return
+        self.printed, rate = now, (global_step - previous[1]) / max(now - previous[0], 1e-9)
+        eta = clock((self.total - global_step) / rate) if rate > 0 else "unknown"
+        last = "none yet" if last_eval is None else f"{self.metric[5:]} {last_eval[self.metric]:.4g}"
+        speed = f"{rate:.{int(rate < 10)}f} steps/s"  # a decimal below 10
+        self.say(f"step {global_step}/{self.total} ({100 * global_step / self.total:.0f}%), {speed}, "
+                 f"elapsed {clock(now - self.start)}, ETA {eta}, last eval {last}")  # fmt: skip
+
+    def evaluating(self, done: int, episodes: int) -> None:
+        """The held-out evaluation's progress (`done` of its `episodes` have ended): a line at the first call, then at
+        most one per interval with the episodes done, the time since it started and the ETA of its last episode at
+        its rate so far."""
+        now = time.time()
+        if self.eval_start is None:
+            self.eval_start = self.eval_printed = now
+            self.say(f"held-out evaluation: {episodes} episodes...")
+        elif 0 < done < episodes and now - self.eval_printed >= self.interval_s:
+            self.eval_printed, elapsed = now, now - self.eval_start
+            eta = clock(elapsed * (episodes - done) / done)
+            self.say(f"held-out evaluation: {done}/{episodes} episodes, elapsed {clock(elapsed)}, ETA {eta}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1253,6 +1392,7 @@ def main(args: Args) -> int:
     retain_freed_memory()
     args.run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_path = os.path.join(args.run_dir, args.run_name)
+    stop = StopRequest(args.run_name)  # first: a signal during set-up ends the process at once, leaving nothing behind
     gym.register_envs(gymnasium_robotics)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1265,29 +1405,34 @@ def main(args: Args) -> int:
         if args.capture_video:
             check_rendering(args.env_id)
         lock = lock_run_folder(run_path)  # a run's folder: locked before its checkpoint is read (None: none yet)
-        saved = resume_state(args, run_path)  # read and checked before anything is written
+        with setup_step(args.run_name, f"reading {run_path}/{CHECKPOINT_FILE}"):
+            saved = resume_state(args, run_path)  # read and checked before anything is written
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if saved is not None and is_complete(run_path, args.total_timesteps):
         print(f"run {run_path} already ended at global_step {args.total_timesteps}; nothing to do", file=sys.stderr)
         return 0
-    stop = StopRequest()  # before the envs: async env workers forked later inherit the handler and ignore the signal
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(
-        make_vector_env(args.env_id, args.num_envs, args.vector_env_mode)
-    )
+    with setup_step(args.run_name, f"making {args.num_envs} {args.env_id} envs ({args.vector_env_mode})",
+                    args.num_envs * ENV_COST[args.vector_env_mode][1]):  # fmt: skip
+        envs = gym.wrappers.vector.RecordEpisodeStatistics(
+            make_vector_env(args.env_id, args.num_envs, args.vector_env_mode)
+        )
     obs_fields = envs.unwrapped.get_attr("fields")[0]
-    agent = build_agent(obs_fields, args, device)  # before the run folder: a failure here leaves nothing behind
+    with setup_step(args.run_name, network_build_cost(args)[0]):
+        agent = build_agent(obs_fields, args, device)  # before the run folder: a failure here leaves nothing behind
     params = {"actor_params": num_params(agent[0]["actor"]), "critic_params": num_params(agent[0]["qf"]) // 2}
     if saved is None:
         try:
-            lock = lock_run_folder(run_path, new=True)  # made and locked before anything is written in it
+            lock = stop.make_run_folder(run_path)  # made and locked before anything is written in it
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         with open(os.path.join(run_path, "config.json"), "w") as f:
             json.dump({"run_name": args.run_name, "args": asdict(args), **params}, f, indent=2)
-    eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
+    with setup_step(args.run_name, f"making {args.eval_episodes} evaluation envs",
+                    args.eval_episodes * ENV_COST["sync"][1]):  # fmt: skip
+        eval_envs = make_vector_env(args.env_id, args.eval_episodes, "sync", args.capture_video, f"{run_path}/videos")
     obs_dim = envs.single_observation_space["observation"].shape[0]
     action_seed, replay_seed = np.random.SeedSequence(args.seed).spawn(2)  # independent streams from one seed
     rb = HerReplayBuffer(obs_dim, 3, 4, gym.spec(args.env_id).max_episode_steps, args.buffer_size, args.num_envs,
@@ -1310,6 +1455,7 @@ def main(args: Args) -> int:
     writer = SummaryWriter(run_path, purge_step=loop.global_step + 1 if loop.global_step else None)
     if loop.global_step == 0:
         writer.add_text("hyperparameters", hparams_text(args))
+    stop.training()  # set-up is over: from here on a signal is answered with a checkpoint
     try:
         final = train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop, action_rng, stop)
     except FloatingPointError as err:
@@ -1324,6 +1470,7 @@ def main(args: Args) -> int:
         eval_envs.close()
     with open(os.path.join(run_path, "final_eval.json"), "w") as f:
         json.dump({"run_name": args.run_name, "args": asdict(args), **params, **final}, f, indent=2)
+    report_finished(args.run_name, run_path, final)
     if lock is not None:
         lock.close()  # the folder is free for the next process (on any other return, the process's end frees it)
     return 0
@@ -1369,7 +1516,7 @@ def train(args, envs, eval_envs, agent, rb, writer, run_path, device, loop: Loop
             maybe_checkpoint(args, agent, rb, envs, loop, action_rng, run_path, stop)
             obs, _ = envs.reset()
             nets["obs_norm"].update(obs["observation"])
-    return {**loop.last_eval, **heldout_evaluation(args, nets, eval_envs, writer, loop.global_step, device)}
+    return {**loop.last_eval, **heldout_evaluation(args, nets, eval_envs, writer, loop.global_step, device, progress)}
 
 
 def run_updates(args, rb, agent, loop: LoopState, logs: dict, log) -> None:
@@ -1396,7 +1543,7 @@ def log_losses(logs: dict, writer, loop: LoopState, progress, sps: float) -> Non
     for key, value in logs.items():
         writer.add_scalar(key, value.item(), loop.global_step)
     writer.add_scalar("charts/SPS", int(sps), loop.global_step)
-    progress.maybe_print(loop.global_step, int(sps), loop.last_eval)
+    progress.maybe_print(loop.global_step, loop.last_eval)
 
 
 def maybe_checkpoint(args, agent, rb, envs, loop: LoopState, action_rng, run_path: str, stop: StopRequest) -> None:
@@ -1426,7 +1573,7 @@ def log_episodes(infos: dict, done: np.ndarray, writer, global_step: int) -> Non
         writer.add_scalar("charts/success_rate", float(np.mean(infos["is_success"][done])), global_step)
 
 
-def heldout_evaluation(args, nets, eval_envs, writer, global_step: int, device) -> dict:
+def heldout_evaluation(args, nets, eval_envs, writer, global_step: int, device, progress: Progress) -> dict:
     """The final evaluation on `final_eval_episodes` episodes whose initial states no periodic evaluation sees
     (seeds from seed + 2_000_000): logged as `heldout/*` and printed as one JSON line without `eval_idx`."""
     if args.final_eval_episodes == 0:
@@ -1442,6 +1589,7 @@ def heldout_evaluation(args, nets, eval_envs, writer, global_step: int, device) 
         device,
         args.final_eval_episodes,
         prefix="heldout",
+        report=lambda done: progress.evaluating(done, args.final_eval_episodes),
     )
     for key, value in result.items():
         writer.add_scalar(key, value, global_step)

@@ -8,11 +8,13 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, read_stderr_until
 
 BAD_ARGS = [
     ({"env_id": "FetchFoo-v4"}, "unknown --env-id 'FetchFoo-v4'; supported: FetchReach-v4, FetchReachDense-v4"),
@@ -27,7 +29,11 @@ BAD_ARGS = [
     ({"gamma": 1.0}, "--gamma must be in [0, 1), got 1.0"),
     ({"tau": 0.0}, "--tau must be in (0, 1], got 0.0"),
     ({"her_k": -1}, "--her-k must be >= 0, got -1"),
-    ({"num_envs": 0}, "--num-envs must be >= 1, got 0"),
+    ({"num_envs": 0}, "--num-envs must be in [1, --total-timesteps=1000000], got 0"),
+    (  # issue 23: 23.5 GB, then the OOM killer
+        {"num_envs": 100_000, "total_timesteps": 200, "learning_starts": 100},
+        "--num-envs must be in [1, --total-timesteps=200], got 100000",
+    ),
     ({"policy_frequency": 0}, "--policy-frequency must be >= 1, got 0"),
     ({"q_lr": -1.0}, "learning rates must be > 0"),
     ({"update_ratio": 0.0}, "--update-ratio must be in (0, 64], got 0.0"),
@@ -47,11 +53,45 @@ def test_bad_arguments_raise_one_line_naming_value_and_allowed(script, changes, 
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(("changes", "message"), [({"dihedral_n": 0}, "--dihedral-n must be >= 1, got 0"),
-                                                  ({"reg_rep_n": 0}, "--reg-rep-n must be >= 1, got 0")])  # fmt: skip
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"dihedral_n": 0}, "--dihedral-n must be in [1, 64], got 0"),
+    ({"dihedral_n": 1000},  # issue 23: 13 min and 17 GB of silent set-up
+     "--dihedral-n must be in [1, 64] (escnn's first build of D_N grows as N^3: D_64 about 0:52:31, D_1000 about "
+     "3333:20:05), got 1000"),
+    ({"reg_rep_n": 0}, "--reg-rep-n must be >= 1, got 0"),
+])  # fmt: skip
 def test_bad_group_arguments_are_rejected(eq, changes, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as err:
         eq.validate_args(dataclasses.replace(eq.Args(), **changes))
+    assert str(err.value) == message
+
+
+def test_the_largest_group_passes_validation_and_its_first_build_is_announced_with_its_estimate(eq):
+    """D_64 (issue 23: silent past 60 s) is allowed: once it has taken 5 s, set-up says that it builds it and how
+    long that takes the first time (docs/BENCHMARKS.md, "Set-up cost")."""
+    args = eq.Args(dihedral_n=64, env_id="FetchReachDense-v4")
+    eq.validate_args(args)
+    building, extra_bytes = eq.network_build_cost(args)
+    assert building == "building the D_64 networks (escnn: up to 0:52:31 the first time, then cached)"
+    assert extra_bytes == 8 * 4 * 128**3
+    assert 9 < eq.first_build_seconds(8) < 14 and 40 < eq.first_build_seconds(16) < 65  # measured: 11 s, 48 s
+
+
+@pytest.mark.parametrize("script", ["eq", "mlp"])
+def test_the_memory_estimate_counts_the_envs_and_refuses_what_cannot_fit_in_one_line(script, request, monkeypatch):
+    """Issue 23's 100000 Fetch envs filled 23.5 GB before the OOM killer came: with the envs' measured cost in the
+    estimate, such a run is refused before anything is built, on a machine of that size, naming the envs' share."""
+    m = request.getfixturevalue(script)
+    monkeypatch.setattr(m, "memory_limit", lambda: 23 * 2**30)
+    for num_envs, mode in ((100_000, "sync"), (5_000, "async")):
+        args = dataclasses.replace(m.Args(), num_envs=num_envs, vector_env_mode=mode)
+        with pytest.raises(ValueError) as err:
+            m.validate_args(args)
+        message = str(err.value)
+        assert f", --buffer-size 1000000, --num-envs {num_envs} ({mode}) and --eval-episodes 10 need about " in message
+        envs = float(re.search(r"envs (\d+\.\d)\)", message)[1])
+        assert envs * 2**30 >= num_envs * m.ENV_COST[mode][0] - 2**29 and "\n" not in message
+    m.validate_args(dataclasses.replace(m.Args(), num_envs=8, vector_env_mode="async"))  # a usual run fits
 
 
 def test_bad_hidden_sizes_are_rejected(mlp):
@@ -161,7 +201,8 @@ def test_help_opens_with_one_line_saying_what_the_script_trains(script, tmp_path
     assert first.startswith(opening) and task in first and first.endswith(".") and len(first) <= 120
 
 
-SHARED = ("StopRequest", "Interrupted", "check_finite_floats", "check_run_dir", "resume_state", "atomic_torch_save")
+SHARED = ("StopRequest", "Interrupted", "check_finite_floats", "check_run_dir", "resume_state", "atomic_torch_save",
+          "memory_limit", "clock", "setup_step", "Progress", "report_finished")  # fmt: skip
 
 
 def top_level_sources(path: str) -> dict:
@@ -196,3 +237,128 @@ def test_the_readme_offers_a_cpu_only_install_line_after_the_default_one_with_th
         assert default < cpu and "--index-url" not in lines[default], doc
         assert lines[cpu].startswith(f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu && ")
         assert "&& pip install -r requirements.txt && pip install --no-deps escnn==1.0.11" in lines[cpu], doc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Set-up: a stop signal ends it at once; slow steps say what they build; progress lines
+# ---------------------------------------------------------------------------------------------------------------------
+def in_child(case) -> tuple[int, str]:
+    """Run `case()` in a forked child of this process; returns its exit status and what it wrote on stderr."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its stderr into the pipe, and never back into pytest
+        os.dup2(write, 2)
+        sys.stderr = open(2, "w", closefd=False)  # not the capture of pytest, which the child inherited
+        try:
+            case()
+        finally:
+            os._exit(99)
+    os.close(write)
+    with os.fdopen(read) as f:
+        stderr = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), stderr
+
+
+@pytest.mark.parametrize("folder", ["made", "found"])
+def test_a_stop_signal_during_set_up_ends_the_process_at_once_deleting_only_a_run_folder_it_made(mlp, tmp_path, folder):
+    """A run folder this process made holds nothing of value during set-up and goes; one it found (a resumed run's,
+    with its checkpoint) stays as it was."""
+    path = tmp_path / "run"
+    if folder == "found":
+        path.mkdir()
+        (path / "checkpoint.pt").write_text("the run so far")
+
+    def case():
+        stop = mlp.StopRequest("unit")
+        if folder == "made":
+            stop.make_run_folder(str(path))
+            (path / "config.json").write_text("{}")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # not reached: the handler ends the process
+
+    code, stderr = in_child(case)
+    assert code == 3
+    outcome = (f"run folder {path} deleted; the same command starts the run again" if folder == "made" else
+               "the same command starts the run again, or resumes it from its last checkpoint")  # fmt: skip
+    assert stderr == f"[unit] stopped by SIGTERM during set-up, before training: nothing to checkpoint; {outcome}\n"
+    assert path.exists() == (folder == "found")
+    if folder == "found":
+        assert os.listdir(path) == ["checkpoint.pt"] and (path / "checkpoint.pt").read_text() == "the run so far"
+
+
+def test_after_set_up_a_stop_signal_is_recorded_for_the_training_loop(mlp):
+    def case():
+        stop = mlp.StopRequest("unit")
+        stop.training()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os._exit(0 if stop.signum == signal.SIGUSR1 else 1)
+
+    code, stderr = in_child(case)
+    assert code == 0 and re.fullmatch(r"\[unit\] set-up done in \d+:\d\d:\d\d: training\n", stderr)
+
+
+def test_a_stop_signal_during_a_slow_set_up_ends_the_run_at_once_with_code_3_and_leaves_no_run_folder(tmp_path):
+    """A real slow set-up: many evaluation envs, made after the run folder (issue 23's runaway inputs ran silently
+    for minutes, SIGTERM recorded and ignored). SIGTERM as soon as the script says what it makes: the process ends at
+    once with exit code 3 and one line, its async env workers with it, and the run folder it had made is gone."""
+    runs, n = tmp_path / "runs", 300  # about 8 s to make on an idle core, 3 GB
+    args = ["--env-id", "FetchReach-v4", "--num-envs", "2", "--vector-env-mode", "async", "--eval-episodes", str(n),
+            "--hidden-sizes", "16", "--run-dir", str(runs), "--run-name", "slow"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sac_fetch_mlp.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines = read_stderr_until(proc, f"[slow] making {n} evaluation envs, estimated ")  # at once: the estimate is long
+    assert (runs / "slow" / "config.json").exists()
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, rest = proc.communicate(timeout=300)  # returns once the env workers too have closed their end of stderr
+    assert time.monotonic() - signalled < 60
+    stderr = "".join(lines) + rest
+    assert proc.returncode == 3, stderr[-3000:]
+    assert stderr.splitlines()[-1] == (f"[slow] stopped by SIGTERM during set-up, before training: nothing to "
+                                       f"checkpoint; run folder {runs / 'slow'} deleted; the same command starts the "
+                                       "run again")  # fmt: skip
+    assert os.listdir(runs) == [] and stdout == "" and "Traceback" not in stderr
+
+
+def test_progress_lines_give_step_steady_rate_elapsed_eta_and_last_evaluation(mlp, capsys, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(mlp.time, "time", lambda: now[0])
+    progress = mlp.Progress("r", 1000, "eval/success_rate")
+    for seconds, step, last_eval in [(10, 100, None), (10, 300, None), (10, 400, None),
+                                     (25, 900, {"eval/success_rate": 0.25})]:  # fmt: skip
+        now[0] += seconds
+        progress.maybe_print(step, last_eval)
+    progress.evaluating(0, 100)
+    now[0] += 10
+    progress.evaluating(10, 100)  # within 30 s of the last line: nothing
+    now[0] += 30
+    progress.evaluating(40, 100)
+    final = {"eval_idx": 9, "global_step": 1000, "eval/success_rate": 0.5, "heldout/success_rate": 0.62,
+             "heldout/return": -18.4, "heldout/episodes": 100}  # fmt: skip
+    mlp.report_finished("r", "runs/r", final)
+    mlp.report_finished("r", "runs/r", {"eval_idx": 9, "global_step": 1000, "eval/success_rate": 0.5})
+    assert capsys.readouterr().err.splitlines() == [
+        # not at the first report: no steady rate yet; 200 steps in the 10 s since it, 700 to go
+        "[r] step 300/1000 (30%), 20 steps/s, elapsed 0:00:20, ETA 0:00:35, last eval none yet",
+        # step 400 came 10 s after that line; step 900 comes 35 s after it, 500 steps in the 25 s since step 400
+        "[r] step 900/1000 (90%), 20 steps/s, elapsed 0:00:55, ETA 0:00:05, last eval success_rate 0.25",
+        "[r] held-out evaluation: 100 episodes...",
+        "[r] held-out evaluation: 40/100 episodes, elapsed 0:00:40, ETA 0:01:00",
+        "[r] finished at global_step 1000: held-out success_rate 0.62, return -18.4 over 100 episodes; run folder "
+        "runs/r",
+        "[r] finished at global_step 1000: no held-out evaluation; last eval success_rate 0.5; run folder runs/r",
+    ]
+
+
+def test_a_slow_set_up_step_says_what_it_builds_at_once_or_once_it_takes_long_and_how_long_it_took(mlp, capfd):
+    with mlp.setup_step("r", "making 9 envs", estimate_s=10.0):
+        pass
+    with mlp.setup_step("r", "quick"):
+        pass
+    with mlp.setup_step("r", "slower than said", quiet_s=0.2):
+        time.sleep(1.0)  # the timer's signal interrupts the sleep, which then goes on
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[:3] == ["[r] making 9 envs, estimated 0:00:10...", "[r] making 9 envs: done in 0:00:00",
+                         "[r] slower than said..."]  # fmt: skip
+    assert re.fullmatch(r"\[r\] slower than said: done in 0:00:0[1-9]", lines[3]) and len(lines) == 4

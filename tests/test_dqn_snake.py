@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, assert_finished_line, assert_progress_lines, read_stderr_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_snake_env import D4_ELEMENTS, BoardSymmetry, rollout_policy
 
@@ -341,6 +341,8 @@ def test_training_runs_past_learning_starts_logs_and_saves_a_model_that_evaluate
     assert heldout["global_step"] == TOTAL and heldout["heldout/episodes"] == 3
 
     (run_path,) = glob.glob(str(tmp_path / "runs" / f"Snake-v0__test_{script}__3__*"))
+    assert_progress_lines(result.stderr, os.path.basename(run_path), TOTAL, "eval/score")  # reports at updates 100, 200
+    assert_finished_line(result.stderr, os.path.basename(run_path), run_path, heldout)
     assert {"config.json", "evals.jsonl", "final_eval.json", "model.pt", "checkpoint.pt"} <= set(os.listdir(run_path))
     with open(os.path.join(run_path, "final_eval.json")) as f:
         final = json.load(f)
@@ -459,8 +461,13 @@ def test_a_finished_run_is_not_run_again_and_its_checkpoint_names_its_script(fin
     ("script", "extra", "message"),
     [
         ("eq", ["--board-size", "2"], "error: --board-size must be >= 4, got 2"),
-        ("eq", ["--reg-rep-n", "100000"], "error: --group d4 --reg-rep-n 100000, --board-size 6 and --buffer-size"),
-        ("cnn", ["--buffer-size", "10000000000"], "error: --channels 8, --board-size 6 and --buffer-size 10000000000"),
+        ("eq", ["--reg-rep-n", "100000"], "error: --group d4 --reg-rep-n 100000, --board-size 6, --buffer-size 1000,"),
+        ("cnn", ["--buffer-size", "10000000000"], "error: --channels 8, --board-size 6, --buffer-size 10000000000, "
+                                                  "--num-envs 4 (sync) and --eval-episodes 2 need about"),
+        ("cnn", ["--num-envs", "100000"], "error: --num-envs must be in [1, --total-timesteps=1200], got 100000"),
+        ("cnn", ["--num-envs", "400000", "--total-timesteps", "1000000", "--buffer-size", "400000",
+                 "--vector-env-mode", "async"], "error: --channels 8, --board-size 6, --buffer-size 400000, "
+                                                "--num-envs 400000 (async) and --eval-episodes 2 need about"),
         ("cnn", ["--run-name", ".."], "error: --run-name must be a folder name (not empty, '.' or '..', no '/'), got"),
     ],
 )  # fmt: skip
@@ -501,12 +508,10 @@ def test_a_first_sigint_checkpoints_after_the_vector_step_exits_3_and_the_same_r
     args = train_args("cnn", tmp_path / "runs", "ctrl-c")
     proc = start("cnn", args, tmp_path)
     run_path = tmp_path / "runs" / "ctrl-c"
-    deadline = time.time() + 300
-    while not (run_path / "config.json").exists():  # the handlers are installed before the run folder is made
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.01)
+    lines = read_stderr_until(proc, "[ctrl-c] set-up done in ")  # before that, a signal stops set-up (test_cli.py)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=600)
+    _, rest = proc.communicate(timeout=600)
+    stderr = "".join(lines) + rest
     assert proc.returncode == 3, stderr[-3000:]
     stopped_at = load(run_path / "checkpoint.pt")["global_step"]
     assert stopped_at < TOTAL and stopped_at % 4 == 0

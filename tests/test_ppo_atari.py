@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_finished_line, assert_progress_lines, read_stderr_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_atari as m
@@ -194,6 +194,8 @@ def test_training_runs_three_updates_and_logs_cleanrl_metrics_and_json_lines(tmp
     assert set(heldout) == {"global_step", "heldout/return", "heldout/length", "heldout/episodes"}
     assert heldout["global_step"] == 768 and heldout["heldout/episodes"] == 2
     (run_path,) = glob.glob(str(tmp_path / "runs" / "BreakoutNoFrameskip-v4__smoke__2__*"))
+    assert_progress_lines(result.stderr, os.path.basename(run_path), 768, "eval/return")  # reports at every update
+    assert_finished_line(result.stderr, os.path.basename(run_path), run_path, heldout)
     assert {"config.json", "evals.jsonl", "final_eval.json", "model.pt", "checkpoint.pt"} <= set(os.listdir(run_path))
     tags = EventAccumulator(run_path).Reload().Tags()["scalars"]
     assert all(tag in tags for tag in TAGS), sorted(set(TAGS) - set(tags))
@@ -264,12 +266,10 @@ def test_a_first_sigint_checkpoints_at_the_update_boundary_exits_3_and_the_same_
     args = script_args(tmp_path / "runs", 3 * UPDATE, ["--run-name", "ctrl-c"])
     proc = start(args, tmp_path)
     run_path = tmp_path / "runs" / "ctrl-c"
-    deadline = time.time() + 120
-    while not (run_path / "config.json").exists():  # the handlers are installed before the run folder is made
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.01)
+    lines = read_stderr_until(proc, "[ctrl-c] set-up done in ")  # before that, a signal stops set-up (test_cli.py)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    stderr = "".join(lines) + rest
     assert proc.returncode == 3, stderr[-3000:]
     stopped_at = load(run_path / "checkpoint.pt")["global_step"]
     assert UPDATE <= stopped_at < 3 * UPDATE and stopped_at % UPDATE == 0
@@ -309,6 +309,10 @@ BAD_ARGS = [
     ({"target_kl": -0.1}, "--target-kl must be > 0 (or None), got -0.1"),
     ({"eval_episodes": 0}, "--eval-episodes must be >= 1, got 0"),
     ({"num_envs": 0}, "--num-envs must be >= 1, got 0"),
+    (
+        {"num_envs": 400_000, "vector_env_mode": "async", "total_timesteps": 10**9},
+        "--num-envs 400000 (async), --num-steps 128 and --eval-episodes 10 need about",
+    ),
     ({"ent_coef": float("nan")}, "--ent-coef must be a finite number, got nan"),
     ({"max_grad_norm": float("inf")}, "--max-grad-norm must be a finite number, got inf"),
 ]

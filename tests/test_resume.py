@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_finished_line, assert_progress_lines, read_stderr_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SCRIPTS = {"eq": "sac_fetch_equivariant.py", "mlp": "sac_fetch_mlp.py"}
@@ -99,6 +99,9 @@ def test_run_stopped_by_sigusr1_and_resumed_equals_the_uninterrupted_run(script,
     assert "AdroitHand" not in first_stderr and "py3nj" not in first_stderr  # known noise silenced
     reference_stdout, reference_stderr = reference_proc.communicate(timeout=300)
     assert reference_proc.returncode == 0, reference_stderr[-3000:]
+    assert_progress_lines(reference_stderr, "reference", TOTAL, "eval/success_rate")  # 300 updates: reports at 100, 200
+    assert_finished_line(reference_stderr, "reference", os.path.join(tmp_path / "runs", "reference"),
+                         json.loads(reference_stdout.splitlines()[-1]))  # fmt: skip
 
     resumed = run(script, args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -124,9 +127,10 @@ def test_a_first_sigint_checkpoints_at_the_episode_end_exits_3_and_the_same_run_
     args = train_args("mlp", tmp_path / "runs", "ctrl-c")
     proc = start("mlp", args, tmp_path)
     run_path = tmp_path / "runs" / "ctrl-c"
-    wait_for((run_path / "config.json").exists, proc)  # the handlers are installed before the run folder is made
+    lines = read_stderr_until(proc, "[ctrl-c] set-up done in ")  # before that, a signal stops set-up (test_cli.py)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    stderr = "".join(lines) + rest
     assert proc.returncode == 3, stderr[-3000:]
     stopped_at = load(run_path / "checkpoint.pt")["global_step"]
     assert 0 < stopped_at < TOTAL and stopped_at % 50 == 0  # at an episode boundary, before the end
@@ -274,9 +278,13 @@ def test_evaluate_checkpoint_names_the_twin_that_saved_the_file(finished_run, eq
     ("script", "extra", "message"),
     [
         ("mlp", ["--seed", "-1"], "error: --seed must be >= 0, got -1"),
-        ("eq", ["--reg-rep-n", "100000"], "error: --dihedral-n 4 --reg-rep-n 100000 and --buffer-size 2000 need about"),
-        ("eq", ["--dihedral-n", "100000"], "error: --dihedral-n 100000 --reg-rep-n 4 and --buffer-size 2000 need"),
-        ("mlp", ["--hidden-sizes", "100000", "100000"], "error: --hidden-sizes 100000 100000 and --buffer-size"),
+        ("eq", ["--reg-rep-n", "100000"], "error: --dihedral-n 4 --reg-rep-n 100000, --buffer-size 2000, --num-envs 1 "
+                                          "(sync) and --eval-episodes 2 need about"),
+        ("eq", ["--dihedral-n", "1000"], "error: --dihedral-n must be in [1, 64] (escnn's first build of D_N grows"),
+        ("mlp", ["--hidden-sizes", "100000", "100000"], "error: --hidden-sizes 100000 100000, --buffer-size 2000,"),
+        ("mlp", ["--num-envs", "100000"], "error: --num-envs must be in [1, --total-timesteps=400], got 100000"),
+        ("mlp", ["--num-envs", "400000", "--total-timesteps", "1000000", "--vector-env-mode", "async"],
+         "error: --hidden-sizes 32 32, --buffer-size 2000, --num-envs 400000 (async) and --eval-episodes 2 need about"),
         ("mlp", ["--run-name", ".."], "error: --run-name must be a folder name (not empty, '.' or '..', no '/'), got"),
     ],
 )  # fmt: skip

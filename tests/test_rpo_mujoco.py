@@ -17,7 +17,7 @@ import mujoco
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_finished_line, assert_progress_lines, read_stderr_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rpo_mujoco as m
@@ -300,6 +300,8 @@ def test_training_runs_two_updates_logs_and_saves_the_statistics_with_the_model(
     assert [(r["eval_idx"], r["global_step"]) for r in records] == [(0, 256), (1, 512)]
     assert set(heldout) == {"global_step", "heldout/return", "heldout/length", "heldout/episodes"}
     (run_path,) = glob.glob(str(tmp_path / "runs" / "Hopper-v5__smoke__3__*"))
+    assert_progress_lines(result.stderr, os.path.basename(run_path), 512, "eval/return")  # reports at every update
+    assert_finished_line(result.stderr, os.path.basename(run_path), run_path, heldout)
     assert {"config.json", "evals.jsonl", "final_eval.json", "model.pt", "checkpoint.pt"} <= set(os.listdir(run_path))
     tags = EventAccumulator(run_path).Reload().Tags()["scalars"]
     assert all(tag in tags for tag in TAGS), sorted(set(TAGS) - set(tags))
@@ -362,12 +364,10 @@ def test_a_first_sigint_checkpoints_at_the_update_boundary_exits_3_and_the_same_
     args = script_args(tmp_path / "runs", "Hopper-v5", 2 * UPDATE, ["--run-name", "ctrl-c"])
     proc = start(args, tmp_path)
     run_path = tmp_path / "runs" / "ctrl-c"
-    deadline = time.time() + 120
-    while not (run_path / "config.json").exists():  # the handlers are installed before the run folder is made
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.01)
+    lines = read_stderr_until(proc, "[ctrl-c] set-up done in ")  # before that, a signal stops set-up (test_cli.py)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    stderr = "".join(lines) + rest
     assert proc.returncode == 3, stderr[-3000:]
     stopped_at = load(run_path / "checkpoint.pt")["global_step"]
     assert UPDATE <= stopped_at < 2 * UPDATE and stopped_at % UPDATE == 0
@@ -394,6 +394,10 @@ BAD_ARGS = [
     ({"update_epochs": 0}, "--update-epochs must be >= 1, got 0"),
     ({"vf_coef": float("nan")}, "--vf-coef must be a finite number, got nan"),
     ({"rpo_alpha": float("inf")}, "--rpo-alpha must be a finite number, got inf"),
+    (
+        {"num_envs": 400_000, "vector_env_mode": "async", "total_timesteps": 10**9},
+        "--num-envs 400000 (async), --num-steps 2048 and --eval-episodes 10 need about",
+    ),
 ]
 
 

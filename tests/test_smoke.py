@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TASKS
+from conftest import ROOT, TASKS, assert_finished_line
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 TOTAL, LEARNING_STARTS, EVAL_FREQUENCY = 300, 150, 150
@@ -49,6 +49,7 @@ def test_training_runs_past_learning_starts_and_logs(script, task, tmp_path):
     assert heldout["global_step"] == TOTAL and heldout["heldout/episodes"] == 3 and heldout["heldout/return"] <= 0.0
 
     (run_path,) = glob.glob(str(tmp_path / "runs" / f"Fetch{task}Dense-v4__smoke_{script}__3__*"))
+    assert_finished_line(result.stderr, os.path.basename(run_path), run_path, heldout)  # stderr ends naming both
     files = os.listdir(run_path)
     assert {"config.json", "evals.jsonl", "final_eval.json", "model.pt"} <= set(files)
     assert len([f for f in files if f.startswith("events.out.tfevents.")]) == 1

@@ -45,6 +45,7 @@ MEANT_TO_DIFFER = {
     "make_env": "each environment family's own wrappers",
     "make_vector_env": "each environment family's own vector env (ale-py's, sync or async gymnasium)",
     "validate_args": "each script's own argument checks",
+    "ENV_COST": "each environment family's measured memory and build time per env (benchmarks/setup_cost.py)",
     "check_memory": "each script's own memory estimate (replay buffer and networks, or rollout)",
     "ReplayBatch": "SAC + HER's transitions with goals differ from DQN's",
     "LoopState": "the DQN scripts checkpoint mid-episode and also carry the running episodes' returns and lengths",
