@@ -46,7 +46,7 @@ STUDIES = {
     ),
     "push_fresh": Study(
         made_by='bash benchmarks/push.sh runs/push_fresh 100000 "11 12 13 14 15" mlp d4p d8p',
-        compare=("--env-id", "FetchPush-v4", "--threshold", "0.5"),
+        compare=("--env-id", "FetchPush-v4", "--threshold", "0.5", "--baseline", "push-mlp"),
     ),
 }
 
