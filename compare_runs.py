@@ -52,6 +52,10 @@ class Args:
     """label of a group (as the table shows it): every other group's mean steps to the threshold divided by this
     group's, with a 95% bootstrap CI; without `--threshold` the threshold is this group's final score on the
     `--crossing` rule's curve (`first`: its final mean)"""
+    step_cost: list[str] = field(default_factory=list)
+    """`LABEL=C` per group: its wall-clock seconds per env step as a multiple of the `--baseline`'s, measured side by
+    side on one machine (benchmarks/study_speed.py); the table then gives the wall-clock ratio, the steps ratio times
+    C (C held fixed in the CI)"""
     out: str | None = None
     """write `<out>.png`, `<out>.svg` and `<out>.md`; None: print the table only"""
     align: Literal["interpolate", "common"] = "interpolate"
@@ -413,6 +417,7 @@ class GroupResult:
     threshold_ci: tuple[float, float] | None = None
     ratio: float | None = None  # mean steps to the threshold / the baseline's (None for the baseline itself)
     ratio_ci: tuple[float, float] | None = None
+    step_cost: float | None = None  # seconds per env step / the baseline's (--step-cost)
 
     @property
     def n(self) -> int:
@@ -437,6 +442,27 @@ class Comparison:
     sources: dict[str, int]  # where the metric was read: source -> number of runs
     baseline: str | None = None
     threshold_from_baseline: bool = False  # the threshold is the baseline's final score (no --threshold given)
+    step_costs: bool = False  # some group has a --step-cost: the table has a wall-clock ratio column
+
+
+def parse_step_costs(items: list[str], labels: list[str], baseline: str | None) -> dict[str, float]:
+    """`--step-cost LABEL=C` items -> {label: C}; UsageError naming the bad item and the allowed labels."""
+    costs = {}
+    for item in items:
+        label, sep, value = item.rpartition("=")
+        others = ", ".join(repr(x) for x in labels if x != baseline)
+        if baseline is None:
+            raise UsageError(f"--step-cost {item!r} needs --baseline (the cost is a multiple of the baseline's)")
+        if not sep or label not in labels or label == baseline:
+            raise UsageError(f"--step-cost {item!r}: give LABEL=C with LABEL a group other than the baseline: {others}")
+        try:
+            cost = float(value)
+        except ValueError:
+            cost = math.nan
+        if not (math.isfinite(cost) and cost > 0):
+            raise UsageError(f"--step-cost {item!r}: C must be a finite number > 0, got {value!r}")
+        costs[label] = cost
+    return costs
 
 
 def baseline_threshold(base: GroupResult, rule: str, window: int) -> float:
@@ -474,6 +500,7 @@ def compare(args: Args) -> Comparison:
     if args.baseline is not None and args.baseline not in groups:
         known = ", ".join(repr(label) for label in groups)
         raise UsageError(f"--baseline {args.baseline!r} is not a group; groups: {known}")
+    step_costs = parse_step_costs(args.step_cost, list(groups), args.baseline)
 
     curves, sps, missing, sources = {}, {}, [], {}
     for run in runs:
@@ -549,6 +576,7 @@ def compare(args: Args) -> Comparison:
                 result.ratio, result.ratio_ci = ratio_estimate(
                     result.threshold_steps, base.threshold_steps, args.reps, args.seed
                 )
+                result.step_cost = step_costs.get(result.label)
     keys = [normalise_key(k) for k in args.group_by]
     from_baseline = args.threshold is None and args.baseline is not None
     return Comparison(
@@ -564,6 +592,7 @@ def compare(args: Args) -> Comparison:
         sources=sources,
         baseline=args.baseline,
         threshold_from_baseline=from_baseline,
+        step_costs=bool(step_costs),
     )
 
 
@@ -585,8 +614,9 @@ def escape_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def format_ratio(g: GroupResult, base: GroupResult) -> str:
-    """The ratio cell: `baseline` for the baseline; a bound (≥, ≤) when censored seeds make the point a bound."""
+def format_ratio(g: GroupResult, base: GroupResult, cost: float = 1.0) -> str:
+    """The ratio cell (the steps ratio times `cost`): `baseline` for the baseline; a bound (≥, ≤) when censored seeds
+    make the point a bound."""
     if g is base:
         return "baseline"
     if math.isnan(g.ratio):
@@ -595,7 +625,15 @@ def format_ratio(g: GroupResult, base: GroupResult) -> str:
     if censored and base_censored:
         return "n/a (both censored)"
     bound = "≥ " if censored else "≤ " if base_censored else ""
-    return f"{bound}{g.ratio:.2f} {fmt_ci(g.ratio_ci, lambda x: f'{x:.2f}')}"
+    ci = None if g.ratio_ci is None else (g.ratio_ci[0] * cost, g.ratio_ci[1] * cost)
+    return f"{bound}{g.ratio * cost:.2f} {fmt_ci(ci, lambda x: f'{x:.2f}')}"
+
+
+def format_wall_ratio(g: GroupResult, base: GroupResult) -> str:
+    """The wall-clock ratio cell: the steps ratio times the group's `--step-cost`, `n/a` without one."""
+    if g is not base and g.step_cost is None:
+        return "n/a (no --step-cost)"
+    return format_ratio(g, base, 1.0 if g is base else g.step_cost)
 
 
 def crossing_name(comp: Comparison) -> str:
@@ -640,6 +678,8 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
     base = next((g for g in comp.groups if g.label == comp.baseline), None)
     if base is not None:
         header.append(f"steps ratio to {escape_cell(base.label)} [95% CI]")
+    if base is not None and comp.step_costs:
+        header.append(f"wall-clock ratio to {escape_cell(base.label)} [95% CI]")
     header.append("steps/s")
     rows = []
     for g in comp.groups:
@@ -657,6 +697,8 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
             row.append(f"{cell} ({int(g.threshold_reached.sum())}/{g.n} reached)")
         if base is not None:
             row.append(format_ratio(g, base))
+        if base is not None and comp.step_costs:
+            row.append(format_wall_ratio(g, base))
         row.append("n/a" if g.sps is None else f"{g.sps:.0f}")
         rows.append(row)
     lines = [f"## {comp.metric} on {comp.env_id}", ""]
@@ -693,6 +735,14 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
             "as in the steps column, so the ratio is then a bound: `≥` when some seeds of the group never reach the "
             "threshold, `≤` when some of the baseline's never do."
         )
+    if comp.step_costs:
+        costs = ", ".join(f"{g.label} {g.step_cost:g}" for g in comp.groups if g.step_cost is not None)
+        notes.append(
+            f"wall-clock ratio: the steps ratio times the group's wall-clock seconds per env step as a multiple of the "
+            f"baseline's, measured side by side on one machine (`--step-cost`: {costs}): the ratio of the times to "
+            "the threshold on one core, training steps only (evaluations left out); the cost is held fixed, so the "
+            "CI is the steps ratio's, scaled."
+        )
     notes.append(
         "steps/s: mean over seeds of each run's last `charts/SPS` (env steps per second since the process started, "
         "updates included; since the resume for a resumed run); n/a without TensorBoard events."
@@ -701,28 +751,37 @@ def format_table(comp: Comparison, command: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_figure(comp: Comparison):
-    """One line per group (mean over seeds) with its 95% bootstrap band over seeds; x in env steps."""
-    from matplotlib.figure import Figure
+def plot_groups(ax, comp: Comparison, labels: dict[str, str] | None = None, colors: dict[str, str] | None = None):
+    """Draw one line per group (mean over seeds) with its 95% bootstrap band over seeds on the matplotlib `ax`; x in
+    env steps. `labels` renames groups in the legend and `colors` fixes their colours (group label -> text, colour);
+    other groups get matplotlib's cycle by their position."""
     from matplotlib.ticker import EngFormatter
 
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    colors = [f"C{i % 10}" for i in range(len(comp.groups))]
-    for g, color in zip(comp.groups, colors, strict=True):
+    labels, colors = labels or {}, colors or {}
+    for i, g in enumerate(comp.groups):
+        color = colors.get(g.label, f"C{i % 10}")
         marker = "o" if g.grid.size == 1 else None
-        label = f"{g.label} (n={g.n})"
+        label = f"{labels.get(g.label, g.label)} (n={g.n})"
         ax.plot(g.grid, g.mean_curve, color=color, marker=marker, label=label, gid=f"group {g.label}")
         if g.n > 1:
             ax.fill_between(g.grid, g.band[0], g.band[1], color=color, alpha=0.2, linewidth=0)
     if comp.threshold is not None:
         ax.axhline(comp.threshold, color="0.5", linestyle=":", linewidth=1, label=f"threshold {fmt(comp.threshold)}")
-    ax.set_title(f"{comp.env_id}: {comp.metric}")
     ax.set_xlabel("env steps")
     ax.set_ylabel(comp.metric)
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.grid(alpha=0.3)
     ax.legend(title="mean, 95% bootstrap CI over seeds", fontsize="small", title_fontsize="small")
+
+
+def make_figure(comp: Comparison):
+    """One line per group (mean over seeds) with its 95% bootstrap band over seeds; x in env steps."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    plot_groups(ax, comp)
+    ax.set_title(f"{comp.env_id}: {comp.metric}")
     return fig
 
 

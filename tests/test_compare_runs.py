@@ -180,6 +180,53 @@ def test_steps_ratio_to_a_baseline(tmp_path, capsys):
     assert err == "error: --baseline 'MLP' is not a group; groups: 'eq', 'mlp', 'slow'\n"
 
 
+def test_wall_clock_ratio_is_the_steps_ratio_times_the_measured_step_cost(tmp_path, capsys):
+    # as above: eq's steps ratio to mlp 0.625 [0.5, 0.75]; eq costs 2.4x the baseline's seconds per env step
+    make_run(tmp_path, "mlp", 1, STEPS, [0.0, 0.2, 0.5, 0.8])
+    make_run(tmp_path, "mlp", 2, STEPS, [0.0, 0.1, 0.6, 0.8])
+    make_run(tmp_path, "eq", 1, STEPS, [0.0, 0.9, 0.9, 0.9])
+    make_run(tmp_path, "eq", 2, STEPS, [0.0, 0.5, 0.8, 0.9])
+    make_run(tmp_path, "slow", 1, STEPS, [0.0, 0.0, 0.8, 0.8])
+    make_run(tmp_path, "slow", 2, STEPS, [0.0, 0.0, 0.0, 0.1])
+    argv = [str(tmp_path), "--baseline", "mlp", "--crossing", "first", "--step-cost", "eq=2.4"]
+    comp = cr.compare(cr.tyro.cli(cr.Args, args=[*argv, *FAST]))
+    assert comp.step_costs and comp.groups[0].step_cost == 2.4 and comp.groups[2].step_cost is None
+    rc, out, _ = run_main(argv, capsys)
+    assert rc == 0
+    assert "| steps ratio to mlp [95% CI] | wall-clock ratio to mlp [95% CI] | steps/s |" in out
+    rows = {cells[0]: cells[6:8] for cells in table_rows(out)}
+    assert rows["eq"] == ["0.62 [0.50, 0.75]", "1.50 [1.20, 1.80]"]  # 0.625 x 2.4 = 1.5: slower to it on one core
+    assert rows["mlp"] == ["baseline", "baseline"]
+    assert rows["slow"][1] == "n/a (no --step-cost)"
+    assert "(`--step-cost`: eq 2.4)" in out
+
+    rc, out, _ = run_main([str(tmp_path), "--baseline", "mlp"], capsys)  # no cost given: no column
+    assert rc == 0 and "wall-clock ratio" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--step-cost", "eq=2"], "error: --step-cost 'eq=2' needs --baseline (the cost is a multiple of the "
+         "baseline's)"),
+        (["--baseline", "mlp", "--step-cost", "mlp=2"], "error: --step-cost 'mlp=2': give LABEL=C with LABEL a "
+         "group other than the baseline: 'eq'"),
+        (["--baseline", "mlp", "--step-cost", "eq"], "error: --step-cost 'eq': give LABEL=C with LABEL a group "
+         "other than the baseline: 'eq'"),
+        (["--baseline", "mlp", "--step-cost", "eq=nan"], "error: --step-cost 'eq=nan': C must be a finite number "
+         "> 0, got 'nan'"),
+        (["--baseline", "mlp", "--step-cost", "eq=0"], "error: --step-cost 'eq=0': C must be a finite number > 0, "
+         "got '0'"),
+    ],
+)  # fmt: skip
+def test_bad_step_cost_is_one_line_naming_it(tmp_path, capsys, argv, error):
+    make_run(tmp_path, "mlp", 1, STEPS, [0.0, 0.2, 0.5, 0.8])
+    make_run(tmp_path, "eq", 1, STEPS, [0.0, 0.9, 0.9, 0.9])
+    rc, out, err = run_main([str(tmp_path), *argv], capsys)
+    assert (rc, out) == (2, "")
+    assert err.splitlines()[-1] == error
+
+
 def test_alignment_of_different_grids(tmp_path, capsys):
     make_run(tmp_path, "a", 1, [100, 200, 300, 400], [0.0, 1.0, 2.0, 3.0])
     unfinished = make_run(tmp_path, "a", 2, [150, 250, 350], [10.0, 20.0, 30.0], finished=False)
