@@ -5,9 +5,13 @@ Records: `benchmarks/results/<study>/<run_name>/` holds a finished run's small f
 study in STUDIES names the command that made its runs and the `compare_runs.py` arguments of its table; the docs
 hold each table between `<!-- regenerated: NAME -->` and `<!-- /regenerated: NAME -->`.
 
-    python benchmarks/regenerate.py                     # rewrite docs/figures/NAME.{png,svg,md} and the docs' tables
+    python benchmarks/regenerate.py                     # rewrite docs/figures/NAME.{png,svg,md}, the docs' tables
+                                                        # and the README's figure (HEADLINE)
     python benchmarks/regenerate.py --check             # exit 1 naming every table that differs from its records
     python benchmarks/regenerate.py --collect runs/push_select --study push_select   # copy finished runs' records
+
+A study's `speed.json` (benchmarks/study_speed.py: the wall-clock cost per env step of each group against the
+baseline, measured side by side) adds `--step-cost` to its table: the wall-clock ratio column.
 
 Exit codes: 0 done (or no difference), 1 a table differs (`--check`), 2 bad input (one line `error: ...`).
 """
@@ -48,16 +52,44 @@ STUDIES = {
         made_by='bash benchmarks/push.sh runs/push_fresh 100000 "11 12 13 14 15" mlp d4p d8p',
         compare=("--env-id", "FetchPush-v4", "--threshold", "0.5", "--baseline", "push-mlp"),
     ),
+    "slide_fresh": Study(
+        made_by='ENV_ID=FetchSlide-v4 bash benchmarks/push.sh runs/slide_fresh 100000 "11 12 13" mlp d8p',
+        compare=("--env-id", "FetchSlide-v4", "--baseline", "push-mlp"),
+    ),
 }
+HEADLINE = "fresh_seeds"  # docs/figures/fresh_seeds.{png,svg}: one panel per study below, the README's figure
+HEADLINE_STUDIES = ("push_fresh", "slide_fresh")
+LABELS = {"push-mlp": "MLP 256x256 (selected baseline)", "push-d8p": "D_8-equivariant, 64 fields",
+          "push-d4p": "D_4-equivariant, 90 fields"}  # fmt: skip
+COLORS = {"push-mlp": "C1", "push-d8p": "C0", "push-d4p": "C2"}  # one colour per agent in every panel
+
+
+def has_records(name: str) -> bool:
+    folder = os.path.join(ROOT, RESULTS, name)
+    return os.path.isdir(folder) and any(os.path.isdir(os.path.join(folder, e)) for e in os.listdir(folder))
+
+
+def speed_record(name: str) -> dict | None:
+    """The study's speed.json (benchmarks/study_speed.py --write), None without one."""
+    path = os.path.join(ROOT, RESULTS, name, "speed.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def study_command(name: str) -> list[str]:
     """compare_runs.py's arguments for the study, its records folder first (a path relative to the repo root)."""
-    return [os.path.join(RESULTS, name), *STUDIES[name].compare, "--out", os.path.join("docs", "figures", name)]
+    speed = speed_record(name)
+    costs = [] if speed is None else [x for g, c in speed["step_cost"].items() for x in ("--step-cost", f"{g}={c}")]
+    return [os.path.join(RESULTS, name), *STUDIES[name].compare, *costs, "--out", os.path.join("docs", "figures", name)]
 
 
 def regenerate(name: str, write_figure: bool) -> str:
-    """The study's docs block: the command that made the runs, then compare_runs' table of the committed records."""
+    """The study's docs block: the command that made the runs, then compare_runs' table of the committed records
+    (a line saying there are none yet for a study whose runs have not finished)."""
+    if not has_records(name):
+        return f"Runs made by `{STUDIES[name].made_by}`; no records yet in `{RESULTS}/{name}/`.\n"
     argv = study_command(name)
     args = compare_runs.tyro.cli(compare_runs.Args, args=argv)
     cwd = os.getcwd()
@@ -69,9 +101,54 @@ def regenerate(name: str, write_figure: bool) -> str:
             compare_runs.write_outputs(comp, args.out, table)
     finally:
         os.chdir(cwd)
-    study = STUDIES[name]
+    study, speed = STUDIES[name], speed_record(name)
     at = f" at {study.made_at}" if study.made_at else ""
-    return f"Runs made by `{study.made_by}`{at}; records in `{RESULTS}/{name}/`.\n\n{table}"
+    cost = ""
+    if speed is not None:
+        m = speed["machine"]
+        cost = (
+            f" Costs per env step (`--step-cost`) measured by `{speed['made_by']}` ({speed['date']}; {m['cpu']}, "
+            f"torch CPU capability {m['torch_cpu_capability']}, {speed['steps']} env steps per run, load average "
+            f"{m['load_average_at_start']:.2f} at the start), records in `{RESULTS}/{name}/speed.json`."
+        )
+    return f"Runs made by `{study.made_by}`{at}; records in `{RESULTS}/{name}/`.{cost}\n\n{table}"
+
+
+def headline_figure():
+    """The README's figure: one panel per study of HEADLINE_STUDIES that has records (None if none has), each
+    agent in its COLORS colour in every panel."""
+    from matplotlib.figure import Figure
+
+    names = [n for n in HEADLINE_STUDIES if has_records(n)]
+    if not names:
+        return None
+    fig = Figure(figsize=(5.2 * len(names), 4.0), layout="constrained")
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        for i, name in enumerate(names):
+            comp = compare_runs.compare(compare_runs.tyro.cli(compare_runs.Args, args=study_command(name)))
+            ax = fig.add_subplot(1, len(names), i + 1)
+            compare_runs.plot_groups(ax, comp, LABELS, COLORS)
+            ax.set_title(f"{comp.env_id}, fresh seeds")
+            ax.set_ylim(-0.02, 1.02)
+    finally:
+        os.chdir(cwd)
+    return fig
+
+
+def write_headline() -> str | None:
+    """docs/figures/HEADLINE.{png,svg} from `headline_figure`; the path stem, None when no study has records."""
+    import matplotlib
+
+    fig = headline_figure()
+    if fig is None:
+        return None
+    stem = os.path.join(ROOT, "docs", "figures", HEADLINE)
+    with matplotlib.rc_context({"svg.hashsalt": "compare_runs"}):  # reproducible SVG ids
+        fig.savefig(stem + ".png", dpi=130, metadata={"Software": None})
+        fig.savefig(stem + ".svg", metadata={"Date": None, "Creator": None})
+    return stem
 
 
 def block_pattern(name: str) -> re.Pattern:
@@ -92,7 +169,7 @@ def check() -> list[str]:
     for name in STUDIES:
         block = regenerate(name, write_figure=False)
         figure_md = os.path.join(ROOT, "docs", "figures", f"{name}.md")
-        table = block.split("\n\n", 1)[1]
+        table = block.split("\n\n", 1)[1] if has_records(name) else None
         on_disk = open(figure_md).read() if os.path.exists(figure_md) else None
         if doc_block(text, name) != block or on_disk != table:
             stale.append(name)
@@ -110,6 +187,9 @@ def write_all() -> None:
         print(f"regenerated {name}", file=sys.stderr)
     with open(DOC, "w") as f:
         f.write(text)
+    stem = write_headline()
+    if stem:
+        print(f"wrote {os.path.relpath(stem, ROOT)}.png and .svg", file=sys.stderr)
 
 
 def collect(runs_dir: str, study: str) -> int:

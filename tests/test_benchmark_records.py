@@ -58,3 +58,37 @@ def test_collect_refuses_a_study_that_is_not_a_folder_name(study, tmp_path, caps
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: --collect needs --study NAME")
     assert not os.path.exists(os.path.join(ROOT, "benchmarks", "results", "b"))
+
+
+def test_a_study_without_records_yet_has_a_one_line_block(tmp_path, monkeypatch):
+    monkeypatch.setitem(regenerate.STUDIES, "later", regenerate.Study(made_by="bash later.sh", compare=()))
+    assert not regenerate.has_records("later")
+    assert regenerate.regenerate("later", write_figure=False) == (
+        "Runs made by `bash later.sh`; no records yet in `benchmarks/results/later/`.\n"
+    )
+
+
+def test_the_readme_figure_has_one_panel_per_study_with_records_and_one_colour_per_agent():
+    fig = regenerate.headline_figure()
+    studies = [n for n in regenerate.HEADLINE_STUDIES if regenerate.has_records(n)]
+    assert len(fig.axes) == len(studies) >= 1
+    for ax, name in zip(fig.axes, studies, strict=True):
+        lines = {line.get_gid(): line.get_color() for line in ax.get_lines() if line.get_gid()}
+        assert {"group push-mlp", "group push-d8p"} <= set(lines), name
+        for gid, color in lines.items():
+            assert color == regenerate.COLORS[gid.removeprefix("group ")], (name, gid)
+
+
+def test_a_speed_record_adds_the_step_costs_to_the_studys_table(tmp_path, monkeypatch):
+    name = "push_fresh"
+    monkeypatch.setattr(regenerate, "speed_record", lambda n: {
+        "step_cost": {"push-d8p": 2.4}, "made_by": "python benchmarks/study_speed.py push_fresh --write",
+        "date": "2026-12-03 12:00 UTC", "steps": 3000,
+        "machine": {"cpu": "a CPU", "torch_cpu_capability": "AVX512", "load_average_at_start": 0.1}})  # fmt: skip
+    assert regenerate.study_command(name)[-4:-2] == ["--step-cost", "push-d8p=2.4"]
+    block = regenerate.regenerate(name, write_figure=False)
+    assert (
+        "Costs per env step (`--step-cost`) measured by `python benchmarks/study_speed.py push_fresh --write` "
+        "(2026-12-03 12:00 UTC; a CPU, torch CPU capability AVX512, 3000 env steps per run" in block
+    )
+    assert "| wall-clock ratio to push-mlp [95% CI] |" in block
