@@ -14,9 +14,7 @@ TOOL = os.path.join(ROOT, "benchmarks", "agent_gif.py")
 def write_checkpoint(mod, path, **network_args) -> None:
     """An untrained agent of `mod` saved as its checkpoint.pt would hold it (the fields the tool reads)."""
     args = mod.Args(env_id="FetchReach-v4", cuda=False, **network_args)
-    envs = mod.make_vector_env("FetchReach-v4", 1, "sync")
-    fields = envs.get_attr("fields")[0]
-    envs.close()
+    fields = mod.REACH_FIELDS + mod.GOAL_FIELDS  # what FetchBaseFrame gives for Reach
     nets, _, _ = mod.build_agent(fields, args, "cpu")
     state = mod.agent_state(args, (nets, {}, {"alpha": 0.2}))
     state.update(global_step=12_000, obs_norm=mod.observation_normalizer(fields, args).state_dict())
