@@ -74,7 +74,7 @@ def test_the_readme_figure_has_one_panel_per_study_with_records_and_one_colour_p
     assert len(fig.axes) == len(studies) >= 1
     for ax, name in zip(fig.axes, studies, strict=True):
         lines = {line.get_gid(): line.get_color() for line in ax.get_lines() if line.get_gid()}
-        assert {"group push-mlp", "group push-d8p"} <= set(lines), name
+        assert "group push-mlp" in lines, name  # the baseline, in every study
         for gid, color in lines.items():
             assert color == regenerate.COLORS[gid.removeprefix("group ")], (name, gid)
 
