@@ -4,7 +4,9 @@ Runs the script as a subprocess with one torch thread, then divides the global s
 `losses/qf1_loss` TensorBoard points (all after learning_starts, so every step includes its update) by the wall time
 between them. Prints one JSON line with the SPS and the parameter counts from config.json.
 
-Usage: python benchmarks/sps.py sac_fetch_mlp.py [--env-id ID] [--steps 4000] [-- more script args]
+Usage: python benchmarks/sps.py sac_fetch_mlp.py [--env-id ID] [--steps 4000] [--threads 1] [-- more script args]
+
+`--threads N` gives the run N torch threads (OMP_NUM_THREADS=N; default 1, what a sweep's array task gets).
 
 `training_command`, `RUN_ENV` and `steady_sps` are shared with benchmarks/speed.py (and the last two with
 benchmarks/snake/sps.py); `run_sampling_cpu` and `cpu_between` (the same window per CPU second, the figure that does
@@ -94,19 +96,21 @@ if __name__ == "__main__":
     parser.add_argument("script")
     parser.add_argument("--env-id", default="FetchReachDense-v4")
     parser.add_argument("--steps", type=int, default=4000, help="total env steps; updates start after 1000")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the run (OMP_NUM_THREADS)")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     cli = parser.parse_args(argv[: len(argv) - len(extra) - (1 if extra else 0)])
 
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = training_command(cli.script, cli.env_id, cli.steps, run_dir, extra)
-        env = {**os.environ, **RUN_ENV}
+        env = {**os.environ, **RUN_ENV, "OMP_NUM_THREADS": str(cli.threads)}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         result = steady_sps(run_dir)
     record = {
         "script": os.path.basename(cli.script),
         "env_id": cli.env_id,
         "args": " ".join(extra),
+        "threads": cli.threads,
         "steady_sps": result["steady_sps"],
         "actor_params": result["actor_params"],
         "critic_params": result["critic_params"],
