@@ -140,8 +140,8 @@ def test_equal_threshold_steps_give_a_degenerate_ci(tmp_path):
     assert g.threshold_mean == 500 and g.threshold_ci == (500, 500)
 
 
-def test_steps_ratio_to_a_baseline(tmp_path, capsys):
-    # baseline `mlp`: final mean 0.8, so the threshold is 0.8, reached by both seeds at 1000
+def baseline_and_two_groups(tmp_path) -> None:
+    """Baseline `mlp`: final mean 0.8, so the threshold is 0.8, reached by both seeds at 1000."""
     make_run(tmp_path, "mlp", 1, STEPS, [0.0, 0.2, 0.5, 0.8])
     make_run(tmp_path, "mlp", 2, STEPS, [0.0, 0.1, 0.6, 0.8])
     # `eq`: reaches 0.8 at 500 and 750: mean 625, ratio 0.625; two-sample bootstrap ratios lie in {0.5, 0.625, 0.75}
@@ -150,6 +150,10 @@ def test_steps_ratio_to_a_baseline(tmp_path, capsys):
     # `slow`: one seed never reaches 0.8 (counted at 1000): ratio >= (750 + 1000) / 2 / 1000
     make_run(tmp_path, "slow", 1, STEPS, [0.0, 0.0, 0.8, 0.8])
     make_run(tmp_path, "slow", 2, STEPS, [0.0, 0.0, 0.0, 0.1])
+
+
+def test_steps_ratio_to_a_baseline(tmp_path, capsys):
+    baseline_and_two_groups(tmp_path)
     comp = cr.compare(cr.Args(run_dirs=[str(tmp_path)], baseline="mlp", crossing="first", reps=2000))
     assert comp.threshold == pytest.approx(0.8) and comp.threshold_from_baseline
     eq, mlp, slow = comp.groups
@@ -181,13 +185,8 @@ def test_steps_ratio_to_a_baseline(tmp_path, capsys):
 
 
 def test_wall_clock_ratio_is_the_steps_ratio_times_the_measured_step_cost(tmp_path, capsys):
-    # as above: eq's steps ratio to mlp 0.625 [0.5, 0.75]; eq costs 2.4x the baseline's seconds per env step
-    make_run(tmp_path, "mlp", 1, STEPS, [0.0, 0.2, 0.5, 0.8])
-    make_run(tmp_path, "mlp", 2, STEPS, [0.0, 0.1, 0.6, 0.8])
-    make_run(tmp_path, "eq", 1, STEPS, [0.0, 0.9, 0.9, 0.9])
-    make_run(tmp_path, "eq", 2, STEPS, [0.0, 0.5, 0.8, 0.9])
-    make_run(tmp_path, "slow", 1, STEPS, [0.0, 0.0, 0.8, 0.8])
-    make_run(tmp_path, "slow", 2, STEPS, [0.0, 0.0, 0.0, 0.1])
+    # eq's steps ratio to mlp 0.625 [0.5, 0.75]; eq costs 2.4x the baseline's seconds per env step
+    baseline_and_two_groups(tmp_path)
     argv = [str(tmp_path), "--baseline", "mlp", "--crossing", "first", "--step-cost", "eq=2.4"]
     comp = cr.compare(cr.tyro.cli(cr.Args, args=[*argv, *FAST]))
     assert comp.step_costs and comp.groups[0].step_cost == 2.4 and comp.groups[2].step_cost is None
