@@ -46,13 +46,12 @@ JSON line per run and per repeat's ratio (prefix `JSON `), and the ratios mlp / 
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sps import RUN_ENV, cpu_between, run_sampling_cpu, steady_sps, training_command  # noqa: E402
+from sps import RUN_ENV, cpu_between, cpu_model, run_sampling_cpu, steady_sps, training_command  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLP = os.path.join(REPO, "sac_fetch_mlp.py")
@@ -61,14 +60,6 @@ ENV_ID = "FetchReachDense-v4"
 LOSS_LOG_EVERY = 100  # updates between two loss points, in both scripts
 MIN_STEPS = 1000 + 2 * LOSS_LOG_EVERY  # learning_starts, then at least two loss points
 THREAD_ENV = {**RUN_ENV, "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def window_cpu(samples, window_wall_time, window_steps) -> dict:

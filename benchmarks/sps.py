@@ -18,6 +18,7 @@ import argparse
 import glob
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,18 @@ def steady_sps(run_dir: str, tag: str = "losses/qf1_loss") -> dict:
         "critic_params": config.get("critic_params"),
         "config": config,
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the machine line beside every speed figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def cpu_seconds(pid: int) -> float | None:

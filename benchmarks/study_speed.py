@@ -25,7 +25,6 @@ import glob
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import regenerate  # noqa: E402
-from sps import RUN_ENV, steady_sps  # noqa: E402
+from sps import RUN_ENV, cpu_model, steady_sps  # noqa: E402
 
 SCRIPTS = ("sac_fetch_mlp.py", "sac_fetch_equivariant.py")
 OVERRIDES = {"eval_episodes": 2, "final_eval_episodes": 0, "save_model": False, "track": False,
@@ -109,13 +108,8 @@ def run_pair(commands: list[list[str]], tmp: str) -> list[float]:
 def machine() -> dict:
     import torch
 
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_cpu_capability": capability,
             "torch": torch.__version__, "load_average_at_start": os.getloadavg()[0]}  # fmt: skip
 
 
