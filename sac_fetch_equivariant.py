@@ -425,11 +425,12 @@ class RegularFourier(torch.nn.Module):
     irreducible, and rho_reg holds each irrep psi d_psi times, so by Schur's lemma an equivariant linear map between k
     regular fields is, in this basis, one (k d_psi) x (k d_psi) matrix per irrep acting on the irrep's copies, times the
     identity on the irrep's space: (n1 + 8 n2) k^2 multiply-adds per sample instead of (2N k)^2 for the dense matrix
-    (D_8: 28 k^2 against 256 k^2), plus two transforms of 2 (2N)^2 k. Coordinates are reordered so that each irrep
-    is one batched matrix product: the n1 1-d irreps first, then each 2-d irrep as (component c, copy b) pairs.
+    (D_8: 28 k^2 against 256 k^2), plus two transforms of 2 (2N)^2 k. Coordinates are reordered so that every irrep
+    block acts on a contiguous slice, a view for the batched products: the n1 1-d irreps first (row r), then the 2-d
+    irreps' component 0 as (irrep r, copy b) pairs (row n1 + 2 r + b), then their component 1 (row n1 + 2 n2 + 2 r + b).
 
     Buffers (not in state_dict: they follow from N): `to_fourier` (|G|, |G|) = Q^-1 with permuted rows,
-    `from_fourier` its inverse, `from_fourier1` / `from_fourier2` its columns of the 1-d / 2-d irreps. See Cohen and
+    `from_fourier` its inverse. See Cohen and
     Welling 2016, "Group Equivariant Convolutional Networks"; escnn (Cesa, Lang and Weiler 2022) stays the definition
     of every layer and the reference in tests.
     """
@@ -443,19 +444,17 @@ class RegularFourier(torch.nn.Module):
             copies.setdefault(irrep_id, []).append(list(range(position, position + size)))
             position += size
         one_d = [c[0][0] for c in copies.values() if len(c[0]) == 1]
-        two_d = [c[b][i] for c in copies.values() if len(c[0]) == 2 for i in range(2) for b in range(2)]
+        two_d = [c[b][i] for i in range(2) for c in copies.values() if len(c[0]) == 2 for b in range(2)]
         self.order, self.n1, self.n2 = G.order(), len(one_d), len(two_d) // 4
         to_fourier = exact_zeros(torch.as_tensor(reg.change_of_basis_inv[one_d + two_d], dtype=torch.float64))
         from_fourier = exact_zeros(torch.linalg.inv(to_fourier))
-        n1 = self.n1
-        parts = {"to_fourier": to_fourier, "from_fourier": from_fourier, "from_fourier1": from_fourier[:, :n1],
-                 "from_fourier2": from_fourier[:, n1:]}  # fmt: skip
-        for name, value in parts.items():
+        for name, value in {"to_fourier": to_fourier, "from_fourier": from_fourier}.items():
             self.register_buffer(name, value.float().contiguous(), persistent=False)
 
     def block_basis(self, layer: enn.Linear) -> torch.Tensor:
         """(|G|, |G|) matrix T such that a k -> k regular `layer`'s Fourier blocks are weights.view(k, k, |G|) @ T:
-        column r < n1 holds 1-d irrep r's entry, column n1 + 4 r + 2 a + b the (copy a, copy b) entry of 2-d irrep r.
+        column r < n1 holds 1-d irrep r's entry, column n1 + 4 r + 2 a + b the (copy a, copy b) entry of 2-d irrep r
+        (read on its component 0; Schur's lemma makes it the same on component 1).
 
         escnn orders a layer's weights as (out field, in field, basis element), with one basis for every pair of
         regular fields: it is probed here on a one-field layer, one unit weight vector at a time."""
@@ -466,7 +465,7 @@ class RegularFourier(torch.nn.Module):
             basis = torch.stack([probe.basisexpansion(e).reshape(self.order, self.order) for e in torch.eye(size)])
             basis = exact_zeros(self.to_fourier @ basis @ self.from_fourier)  # (basis, F, F)
         n1 = self.n1
-        two_d = [basis[:, n1 + 4 * r + a, n1 + 4 * r + b] for r in range(self.n2) for a in range(2) for b in range(2)]
+        two_d = [basis[:, n1 + 2 * r + a, n1 + 2 * r + b] for r in range(self.n2) for a in range(2) for b in range(2)]
         return torch.cat([basis[:, range(n1), range(n1)], *[t.unsqueeze(1) for t in two_d]], 1)
 
 
@@ -517,8 +516,8 @@ class RegularMLPWeights(torch.nn.Module):
     differentiably (gradients reach escnn's `weights` and `bias`); no escnn code runs on this hot path.
 
     Hidden channels are ordered (group element, field): escnn's (field, group element) transposed. Calling it returns
-    [W1 (|G|, k, in), b1 (|G|, k, 1), M1 (n1, k, k), c1 (n1, k, 1), M2 (n2, 2k, 2k), W3 (out, |G| k or k),
-    b3 (out, 1)]; `stack_weights` stacks E networks' lists for `regular_hidden`.
+    [W1 (|G|, k, in + 1) (the first layer's bias as its last column), M1 (n1, k, k), c1 (n1, k, 1), M2 (n2, 2k, 2k),
+    W3 (out, |G| k or k), b3 (out, 1)]; `stack_weights` stacks E networks' lists for `regular_hidden`.
     """
 
     def __init__(self, first: enn.Linear, hidden: enn.Linear, head: enn.Linear, fourier: RegularFourier):
@@ -541,20 +540,19 @@ class RegularMLPWeights(torch.nn.Module):
     def forward(self) -> list:
         (first, hidden, head), k, n1, n2 = self.escnn_layers, self.k, self.n1, self.n2
         w1 = expand(first.weights, self.index1, self.coef1).view(self.order, k, -1)
+        w1 = torch.cat([w1, (self.bias1 @ first.bias).view(self.order, k, 1)], 2)
         blocks = hidden.weights.view(k, k, -1) @ self.blocks  # (out field i, in field j, Fourier coordinate)
         m1 = blocks[..., :n1].permute(2, 0, 1)
         m2 = blocks[..., n1:].reshape(k, k, n2, 2, 2).permute(2, 3, 0, 4, 1).reshape(n2, 2 * k, 2 * k)
         w3 = expand(head.weights, self.index3, self.coef3).view(len(self.bias3), -1)
-        return [w1, (self.bias1 @ first.bias).view(self.order, k, 1), m1, (self.bias2 @ hidden.bias).unsqueeze(2), m2,
-                w3, (self.bias3 @ head.bias).unsqueeze(1)]  # fmt: skip
+        return [w1, m1, (self.bias2 @ hidden.bias).unsqueeze(2), m2, w3, (self.bias3 @ head.bias).unsqueeze(1)]
 
 
 def stack_weights(per_network: list) -> list:
-    """E networks' `RegularMLPWeights` -> the layout of `regular_hidden`: the ensemble dimension E after the group
-    dimension in W1 (|G|, E, k, in) and b1, after the irrep dimension in M1 (n1, E, k, k), c1 and M2 (n2, E, 2k, 2k),
-    first in the head's W3 (E, out, .) and b3 (E, out, 1)."""
-    layers = zip(*per_network, strict=True)
-    return [torch.stack(w, dim) for w, dim in zip(layers, (1, 1, 1, 1, 1, 0, 0), strict=True)]
+    """E networks' `RegularMLPWeights` -> the layout of `regular_hidden`: each weight with the ensemble dimension E
+    first, W1 (E, |G|, k, in + 1), M1 (E, n1, k, k), c1 (E, n1, k, 1), M2 (E, n2, 2k, 2k), W3 (E, out, .),
+    b3 (E, out, 1), so that one network's activations are contiguous and every block product reads views."""
+    return [torch.stack(w) for w in zip(*per_network, strict=True)]
 
 
 class NoGradCache:
@@ -582,27 +580,41 @@ class NoGradCache:
         return self.value
 
 
-def regular_hidden(weights: list, fourier: RegularFourier, x: torch.Tensor, relu_output: bool = True) -> torch.Tensor:
-    """Both hidden layers of E networks (`stack_weights`) on one input: x (batch, in) -> ReLU activations
-    (|G|, E, k, batch), or the second layer's pre-activations if not `relu_output`.
+def regular_hidden(weights: list, fourier: RegularFourier, x: torch.Tensor, relu_output: bool = True) -> tuple:
+    """Both hidden layers of E networks (`stack_weights`) on one input: x (batch, in) -> E tensors of ReLU activations
+    (|G|, k, batch), or of the second layer's pre-activations if not `relu_output`.
 
-    Layer 1 is one dense product for all E networks. Layer 2 transforms every field to the Fourier basis (one product
-    over the group dimension, which comes first), applies each irrep's block to the copies of that irrep (batched
-    products), and transforms back, so that ReLU acts pointwise on the group elements, as escnn's does.
+    Layer 1 is one dense product for all E networks (its bias a column of W1 against a row of ones). Layer 2
+    transforms every field to the Fourier basis (one product over the group dimension, which comes first), applies
+    each irrep's block to the copies of that irrep (batched products on views: the 1-d irreps, then each component of
+    the 2-d irreps), and transforms back, so that ReLU acts pointwise on the group elements, as escnn's does. Each
+    network's slices come from `unbind` and `split`, whose gradients are concatenations, not zero-filled copies.
     """
-    w1, b1, m1, c1, m2 = weights[:5]
-    order, ensemble, k, batch = w1.shape[0], w1.shape[1], w1.shape[2], x.shape[0]
-    n1, n2, columns = fourier.n1, fourier.n2, w1.shape[1] * w1.shape[2] * x.shape[0]
-    h = torch.relu_(torch.addmm(b1.view(-1, 1), w1.view(-1, w1.shape[-1]), x.T)).view(order, columns)
-    f = fourier.to_fourier @ h  # (F, E k batch): per field, group -> Fourier
-    y1 = torch.baddbmm(c1.view(-1, k, 1), m1.view(-1, k, k), f[:n1].view(n1 * ensemble, k, batch))
-    y = fourier.from_fourier1 @ y1.view(n1, columns)
-    if n2:  # 2-d irreps: for each irrep, component c and network, (copy a, field i) <- (copy b, field j)
-        f2 = f[n1:].view(n2, 2, 2, ensemble, k, batch).transpose(2, 3).reshape(n2 * 2 * ensemble, 2 * k, batch)
-        m2 = m2.unsqueeze(1).expand(-1, 2, -1, -1, -1).reshape(n2 * 2 * ensemble, 2 * k, 2 * k)
-        y2 = torch.bmm(m2, f2).view(n2, 2, ensemble, 2, k, batch).transpose(2, 3).reshape(4 * n2, columns)
-        y = torch.addmm(y, fourier.from_fourier2, y2)
-    return (torch.relu_(y) if relu_output else y).view(order, ensemble, k, batch)
+    w1, m1, c1, m2 = weights[:4]
+    order, k, batch, n1, n2 = w1.shape[1], w1.shape[2], x.shape[0], fourier.n1, fourier.n2
+    x1 = torch.cat([x, x.new_ones(batch, 1)], 1)
+    h = torch.relu_(w1.view(-1, w1.shape[-1]) @ x1.T).view(w1.shape[0], order, k * batch)
+    parts, outputs = [n1] + [2 * n2] * (2 if n2 else 0), []
+    for h_e, m1_e, c1_e, m2_e in zip(h.unbind(0), m1.unbind(0), c1.unbind(0), m2.unbind(0), strict=True):
+        f1, *f2 = (fourier.to_fourier @ h_e).split(parts)  # per field, group -> Fourier
+        y = [torch.baddbmm(c1_e, m1_e, f1.view(n1, k, batch)).view(n1, -1)]
+        y += [torch.bmm(m2_e, f.view(n2, 2 * k, batch)).view(2 * n2, -1) for f in f2]  # (copy a, field i)
+        y = fourier.from_fourier @ (torch.cat(y) if n2 else y[0])
+        outputs.append((torch.relu_(y) if relu_output else y).view(order, k, batch))
+    return tuple(outputs)
+
+
+def upgrade_target_weights(state_dict: dict, prefix: str) -> None:
+    """Convert, in place, target critics' weights (`TargetQNetworks`) saved in the earlier 7-tensor layout, which
+    checkpoints up to commit 3e0b149 hold, to `stack_weights`' layout: W1 (|G|, E, k, in) and its bias
+    b1 (|G|, E, k, 1) become one W1 (E, |G|, k, in + 1); M1, c1 and M2 move E first. The numbers are the same, so a
+    run checkpointed by that code resumes exactly."""
+    keys = [f"{prefix}weight{i}" for i in range(7)]
+    if all(key in state_dict for key in keys):
+        w1, b1, m1, c1, m2, w3, b3 = (state_dict.pop(key) for key in keys)
+        layout = [torch.cat([w1, b1], -1).transpose(0, 1), m1.transpose(0, 1), c1.transpose(0, 1), m2.transpose(0, 1),
+                  w3, b3]  # fmt: skip
+        state_dict.update({key: w.contiguous() for key, w in zip(keys[:6], layout, strict=True)})
 
 
 class GroupMaxPool(torch.autograd.Function):
@@ -666,9 +678,9 @@ class SoftQNetworks(torch.nn.Module):
 
         ReLU is monotone, so it commutes with the max over the group: pooling the pre-activations and applying ReLU
         to the |G| times smaller result is escnn's ReLU then GroupPooling, value and gradient."""
-        y = regular_hidden(weights, self.fourier, torch.cat([x, a], 1), relu_output=False)  # (|G|, 2, k, batch)
-        pooled = torch.relu(GroupMaxPool.apply(y))  # (2, k, batch), invariant
-        return torch.baddbmm(weights[6], weights[5], pooled).transpose(1, 2)  # (2, batch, 1)
+        ys = regular_hidden(weights, self.fourier, torch.cat([x, a], 1), relu_output=False)  # 2 x (|G|, k, batch)
+        pooled = torch.relu(torch.stack([GroupMaxPool.apply(y) for y in ys]))  # (2, k, batch), invariant
+        return torch.baddbmm(weights[5], weights[4], pooled).transpose(1, 2)  # (2, batch, 1)
 
     def reference_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         inputs = self.in_type(torch.cat([x, a], 1))
@@ -701,8 +713,8 @@ class Actor(torch.nn.Module):
 
     def forward(self, x: torch.Tensor):
         weights = self.cache.get(lambda: stack_weights([self.weights()]))
-        h = regular_hidden(weights, self.fourier, x)
-        out = torch.addmm(weights[6].squeeze(0), weights[5].squeeze(0), h.view(-1, x.shape[0])).T.contiguous()
+        (h,) = regular_hidden(weights, self.fourier, x)
+        out = torch.addmm(weights[5].squeeze(0), weights[4].squeeze(0), h.view(-1, x.shape[0])).T.contiguous()
         return self._split(out)  # (batch, 7): mean_xy 2, mean_z, mean_gripper, log_std xy, z, gripper
 
     def reference_forward(self, x: torch.Tensor):
@@ -1651,6 +1663,10 @@ class TargetQNetworks(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self._forward_with(self.weights(), x, a)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        upgrade_target_weights(state_dict, prefix)  # a checkpoint of an earlier layout resumes
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def update(self, qf: torch.nn.Module, tau: float) -> None:

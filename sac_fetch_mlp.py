@@ -334,6 +334,11 @@ def validate_network_args(args: Args) -> None:
         raise ValueError(f"--hidden-sizes must be one or more widths >= 1, got {list(args.hidden_sizes)}")
 
 
+def upgrade_target_weights(state_dict: dict, prefix: str) -> None:
+    """The MLP's target weights (`TargetQNetworks`) have kept one layout: nothing to convert (the equivariant twin
+    converts its earlier one here)."""
+
+
 class SoftQNetworks(torch.nn.Module):
     """The two critics Q1, Q2 as one module with stacked weights: `weight{i}` (2, in, out) and `bias{i}` (2, 1, out),
     initialised as torch.nn.Linear's, independently per critic. `reference_forward` evaluates them with
@@ -1342,6 +1347,10 @@ class TargetQNetworks(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self._forward_with(self.weights(), x, a)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        upgrade_target_weights(state_dict, prefix)  # a checkpoint of an earlier layout resumes
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def update(self, qf: torch.nn.Module, tau: float) -> None:

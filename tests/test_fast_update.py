@@ -184,3 +184,24 @@ def test_bf16_runs_the_products_in_bfloat16_and_keeps_float32_state(script, netw
     for key in ("losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss"):
         assert logs[True][key].dtype == torch.float32
         assert_close(key, logs[True][key], logs[False][key], rtol=0.05)
+
+
+def test_target_critics_saved_in_the_earlier_layout_load_as_the_same_function(eq):
+    """Checkpoints up to commit 3e0b149 hold the target critics as 7 tensors: each network's first-layer weights and
+    bias apart, stacked with the ensemble dimension after the group dimension (W1, b1) or the irrep dimension (M1,
+    c1, M2). A checkpoint of that layout loads into today's `TargetQNetworks` as the same critics, so that a run
+    checkpointed by that code resumes."""
+    args = eq.Args(env_id="FetchPush-v4", dihedral_n=8, reg_rep_n=3)
+    fields = eq.OBJECT_FIELDS + eq.GOAL_FIELDS
+    torch.manual_seed(0)
+    qf = eq.build_agent(fields, args, torch.device("cpu"))[0]["qf"]
+    with torch.no_grad():
+        per_network = [[w[0][..., :-1], w[0][..., -1:], *w[1:]] for w in (qf.weights1(), qf.weights2())]
+        earlier = [torch.stack(w, dim) for w, dim in zip(zip(*per_network), (1, 1, 1, 1, 1, 0, 0), strict=True)]
+    torch.manual_seed(1)
+    target = eq.build_agent(fields, args, torch.device("cpu"))[0]["qf_target"]
+    x, a = torch.randn(32, eq.fields_dim(fields)), torch.rand(32, 4) * 2 - 1
+    with torch.no_grad():
+        assert (target(x, a) - qf.reference_forward(x, a)).abs().max() > 1e-3  # another agent's critics at first
+        target.load_state_dict({f"weight{i}": w for i, w in enumerate(earlier)})
+        assert_close("target Q from the earlier layout", target(x, a), qf.reference_forward(x, a))
