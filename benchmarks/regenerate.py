@@ -85,9 +85,10 @@ def study_command(name: str) -> list[str]:
     return [os.path.join(RESULTS, name), *STUDIES[name].compare, *costs, "--out", os.path.join("docs", "figures", name)]
 
 
-def regenerate(name: str, write_figure: bool) -> str:
+def regenerate(name: str, write_figure: bool, comps: dict | None = None) -> str:
     """The study's docs block: the command that made the runs, then compare_runs' table of the committed records
-    (a line saying there are none yet for a study whose runs have not finished)."""
+    (a line saying there are none yet for a study whose runs have not finished). The comparison is also put in
+    `comps[name]` when `comps` is given, for `headline_figure` to draw without computing it again."""
     if not has_records(name):
         return f"Runs made by `{STUDIES[name].made_by}`; no records yet in `{RESULTS}/{name}/`.\n"
     argv = study_command(name)
@@ -96,6 +97,8 @@ def regenerate(name: str, write_figure: bool) -> str:
     os.chdir(ROOT)  # relative paths: the table reads the same from any working directory
     try:
         comp = compare_runs.compare(args)
+        if comps is not None:
+            comps[name] = comp
         table = compare_runs.format_table(comp, "python compare_runs.py " + shlex.join(argv))
         if write_figure:
             compare_runs.write_outputs(comp, args.out, table)
@@ -114,9 +117,9 @@ def regenerate(name: str, write_figure: bool) -> str:
     return f"Runs made by `{study.made_by}`{at}; records in `{RESULTS}/{name}/`.{cost}\n\n{table}"
 
 
-def headline_figure():
+def headline_figure(comps: dict | None = None):
     """The README's figure: one panel per study of HEADLINE_STUDIES that has records (None if none has), each
-    agent in its COLORS colour in every panel."""
+    agent in its COLORS colour in every panel; a study's comparison is taken from `comps` where it is there."""
     from matplotlib.figure import Figure
 
     names = [n for n in HEADLINE_STUDIES if has_records(n)]
@@ -127,7 +130,9 @@ def headline_figure():
     os.chdir(ROOT)
     try:
         for i, name in enumerate(names):
-            comp = compare_runs.compare(compare_runs.tyro.cli(compare_runs.Args, args=study_command(name)))
+            comp = (comps or {}).get(name)
+            if comp is None:
+                comp = compare_runs.compare(compare_runs.tyro.cli(compare_runs.Args, args=study_command(name)))
             ax = fig.add_subplot(1, len(names), i + 1)
             compare_runs.plot_groups(ax, comp, LABELS, COLORS)
             ax.set_title(f"{comp.env_id}, fresh seeds")
@@ -137,11 +142,11 @@ def headline_figure():
     return fig
 
 
-def write_headline() -> str | None:
+def write_headline(comps: dict | None = None) -> str | None:
     """docs/figures/HEADLINE.{png,svg} from `headline_figure`; the path stem, None when no study has records."""
     import matplotlib
 
-    fig = headline_figure()
+    fig = headline_figure(comps)
     if fig is None:
         return None
     stem = os.path.join(ROOT, "docs", "figures", HEADLINE)
@@ -179,15 +184,16 @@ def check() -> list[str]:
 def write_all() -> None:
     with open(DOC) as f:
         text = f.read()
+    comps = {}  # each study's comparison (a bootstrap of its records), made once for its table and the figure
     for name in STUDIES:
-        block = regenerate(name, write_figure=True)
+        block = regenerate(name, write_figure=True, comps=comps)
         if doc_block(text, name) is None:
             raise SystemExit(f"error: {DOC} lacks <!-- regenerated: {name} --> ... <!-- /regenerated: {name} -->")
         text = block_pattern(name).sub(lambda m, b=block: m.group(1) + b + m.group(3), text)
         print(f"regenerated {name}", file=sys.stderr)
     with open(DOC, "w") as f:
         f.write(text)
-    stem = write_headline()
+    stem = write_headline(comps)
     if stem:
         print(f"wrote {os.path.relpath(stem, ROOT)}.png and .svg", file=sys.stderr)
 
