@@ -3,7 +3,7 @@
 Usage (from the repository root, in its venv; about 10 minutes on 2 cores at the defaults):
 
     python benchmarks/speed.py                      # everything
-    python benchmarks/speed.py --only main          # one comparison: main | eq-mlp | mlp-sb3 | bf16-sb3 | update
+    python benchmarks/speed.py --only main          # one comparison: main|main64|eq-mlp|mlp-sb3|bf16-sb3|update
     python benchmarks/speed.py --only main --only update --steps 2500 --base-commit bc95cc4
 
 What each figure means:
@@ -16,6 +16,9 @@ What each figure means:
     main      `sac_fetch_equivariant.py --env-id FetchSlideDense-v4 --dihedral-n 8 --reg-rep-n 32` (the main job at
               the network the speed issue measured: 32 fields, the base commit's default), working tree vs the base
               commit's copy (`git show BASE:sac_fetch_equivariant.py`). Ratio new / base, target >= 3.
+    main64    `sac_fetch_equivariant.py --env-id FetchSlideDense-v4 --dihedral-n 8`: the main job at its default width
+              (64 fields) and its defaults (observation normaliser on, none of the settings below), working tree vs
+              the base commit's copy. Ratio new / base, target >= 1.5 (issue 24).
     eq-mlp    `sac_fetch_equivariant.py --reg-rep-n 32` (D_4, 256 channels: the MLP's width) vs `sac_fetch_mlp.py`
               (256x256) on FetchReachDense-v4, working tree. Ratio eq / mlp, target >= 0.9.
     mlp-sb3   `sac_fetch_mlp.py` vs Stable-Baselines3 2.9.2 SAC + HER (benchmarks/sb3_sac_her_sps.py, always 4000
@@ -24,8 +27,8 @@ What each figure means:
     bf16-sb3  the same with `sac_fetch_mlp.py --bf16`, run only if the working tree's `--help` lists `--bf16`.
   Training runs get `--eval-frequency STEPS --eval-episodes 2` and `--final-eval-episodes 0` where `--help` lists it,
   so the one evaluation (at the last step, after the last loss point) costs little and lies outside the window, and
-  `--update-ratio 1 --no-obs-norm` where `--help` lists them: one update per env step and no observation normaliser,
-  the settings of the base commit and of SB3, whatever the scripts' defaults are.
+  `--update-ratio 1 --no-obs-norm` where `--help` lists them (every pair but main64): one update per env step and no
+  observation normaliser, the settings of the base commit and of SB3, whatever the scripts' defaults are.
 
 - Per update (`update`): in-process microbenchmark, one torch thread, of `sac_update` on a random batch of 256 (the
   replay buffer and the env are left out). After 20 warm-up updates, `--update-calls` calls are timed with
@@ -77,7 +80,7 @@ EQ, MLP = "sac_fetch_equivariant.py", "sac_fetch_mlp.py"
 REACH, SLIDE = "FetchReachDense-v4", "FetchSlideDense-v4"
 SB3_SCRIPT = os.path.join(REPO, "benchmarks", "sb3_sac_her_sps.py")
 SB3_SITE, SB3_VERSION, SB3_STEPS = "/tmp/sb3site", "2.9.2", 4000  # SB3_STEPS: fixed in sb3_sac_her_sps.py
-COMPARISONS = ("main", "eq-mlp", "mlp-sb3", "bf16-sb3", "update")
+COMPARISONS = ("main", "main64", "eq-mlp", "mlp-sb3", "bf16-sb3", "update")
 STDERR_TAIL = 3000  # characters of a failed subprocess's stderr to print
 LOSS_LOG_EVERY = 100  # updates between two loss points in the training scripts
 UPDATE_BLOCKS = 4  # the timed updates run in this many blocks; the best block's mean is reported too
@@ -85,12 +88,14 @@ UPDATE_BLOCKS = 4  # the timed updates run in this many blocks; the best block's
 
 @dataclasses.dataclass
 class Run:
-    """One training run of a pair. `script` is a path; None means the SB3 reference."""
+    """One training run of a pair. `script` is a path; None means the SB3 reference. `regime`: run at the issue-7
+    settings (`--update-ratio 1 --no-obs-norm`) rather than the script's defaults."""
 
     label: str
     script: str | None
     env_id: str = REACH
     extra: tuple = ()
+    regime: bool = True
 
 
 class SubprocessFailed(Exception):
@@ -165,9 +170,9 @@ def start_run(run: Run, steps: int, work_dir: str) -> tuple[subprocess.Popen, li
         env["PYTHONPATH"] = os.pathsep.join(p for p in (SB3_SITE, os.environ.get("PYTHONPATH")) if p)
     else:
         final_eval = ["--final-eval-episodes", "0"] if has_flag(run.script, "--final-eval-episodes") else []
-        # the issue's settings on every script version: one update per env step, no observation normaliser
+        # Run.regime: the issue-7 settings on every script version (one update per env step, no normaliser)
         regime = [*(["--update-ratio", "1"] if has_flag(run.script, "--update-ratio") else []),
-                  *(["--no-obs-norm"] if has_flag(run.script, "--obs-norm") else [])]  # fmt: skip
+                  *(["--no-obs-norm"] if has_flag(run.script, "--obs-norm") else [])] if run.regime else []  # fmt: skip
         extra = ["--eval-episodes", "2", *final_eval, *regime]
         cmd = training_command(run.script, run.env_id, steps, files["runs"], [*extra, *run.extra])
     with open(files["stdout"], "w") as out, open(files["stderr"], "w") as err:
@@ -358,7 +363,8 @@ def run_update_rows(rows: list[dict], warmup: int, calls: int, tmp: str) -> list
 # ---------------------------------------------------------------------------------------------------------------------
 # The comparisons, tables, ratios
 # ---------------------------------------------------------------------------------------------------------------------
-PAIR_TARGETS = {"main": 3.0, "eq-mlp": 0.9, "mlp-sb3": 2.0, "bf16-sb3": 2.0}  # on runs[1] SPS / runs[0] SPS
+# on runs[1] SPS / runs[0] SPS
+PAIR_TARGETS = {"main": 3.0, "main64": 1.5, "eq-mlp": 0.9, "mlp-sb3": 2.0, "bf16-sb3": 2.0}
 
 
 def sps_pairs(new_dir: str, base_dir: str, base_rev: str, bf16: bool) -> dict:
@@ -369,6 +375,8 @@ def sps_pairs(new_dir: str, base_dir: str, base_rev: str, bf16: bool) -> dict:
     pairs = {
         "main": (Run(f"main job @{base_rev}", os.path.join(base_dir, EQ), SLIDE, main_job),
                  Run("main job new", os.path.join(new_dir, EQ), SLIDE, main_job)),
+        "main64": (Run(f"main job 64 @{base_rev}", os.path.join(base_dir, EQ), SLIDE, ("--dihedral-n", "8"), False),
+                   Run("main job 64 new", os.path.join(new_dir, EQ), SLIDE, ("--dihedral-n", "8"), False)),
         "eq-mlp": (Run("mlp 256x256", mlp), Run("eq D4 32 fields", os.path.join(new_dir, EQ), extra=eq_width)),
         "mlp-sb3": (Run("sb3 SAC+HER", None), Run("mlp 256x256", mlp)),
     }  # fmt: skip

@@ -1,0 +1,91 @@
+"""CPU time of one SAC update, two variants alternating in one process: a fair A/B on a machine that other jobs share.
+
+    python benchmarks/update_ab.py --base-commit 3e0b149   # that commit's sac_fetch_equivariant.py vs the working tree
+    python benchmarks/update_ab.py --bf16                  # the working tree in float32 vs with --bf16 autocast
+
+Both variants build the main job's agent (`--dihedral-n`, default 8, at its default width; FetchSlideDense-v4's inputs,
+observation normaliser on) and run `sac_update` on one random batch of 256 (`speed.random_batch`: the replay buffer and
+the environment are left out), one torch thread. After 10 warm-up updates each, `--blocks` blocks of `--updates`
+updates run alternately, A then B; each block's CPU time of this process (`time.process_time`, so time the scheduler
+gives to other processes does not count) per update is printed, then each variant's median and minimum and the ratio
+of medians. The actor updates every other call, twice, as in training.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speed import load_script, make_args, random_batch  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = "sac_fetch_equivariant.py"
+
+
+class Variant:
+    """One agent and its batch, updated `n` at a time."""
+
+    def __init__(self, label: str, path: str, overrides: dict):
+        self.label, self.mod, self.step = label, load_script(path, f"ab_{label.replace(' ', '_')}"), 0
+        getattr(self.mod, "retain_freed_memory", lambda: None)()
+        self.args = make_args(self.mod, "FetchSlideDense-v4", {"obs_norm": True, **overrides})
+        fields = self.mod.OBJECT_FIELDS + self.mod.GOAL_FIELDS
+        torch.manual_seed(0)
+        self.nets, self.opts, self.alpha = self.mod.build_agent(fields, self.args, torch.device("cpu"))
+        self.batch = random_batch(self.mod, self.mod.fields_dim(fields), self.args.batch_size)
+
+    def run(self, n: int) -> float:
+        """CPU ms per update over `n` updates."""
+        start = time.process_time()
+        for _ in range(n):
+            self.mod.sac_update(self.batch, self.nets, self.opts, self.args, self.alpha, self.step,
+                                self.args.learning_starts + self.step)  # fmt: skip
+            self.step += 1
+        return 1e3 * (time.process_time() - start) / n
+
+
+def main() -> int:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    which = cli.add_mutually_exclusive_group(required=True)
+    which.add_argument("--base-commit", help="compare this commit's script (A) with the working tree's (B)")
+    which.add_argument("--bf16", action="store_true", help="compare the working tree in float32 (A) and --bf16 (B)")
+    cli.add_argument("--dihedral-n", type=int, default=8)
+    cli.add_argument("--blocks", type=int, default=8, help="blocks per variant")
+    cli.add_argument("--updates", type=int, default=20, help="updates per block (even: whole actor cycles)")
+    opts = cli.parse_args()
+    torch.set_num_threads(1)
+    here, net = os.path.join(REPO, SCRIPT), {"dihedral_n": opts.dihedral_n}
+    with tempfile.TemporaryDirectory() as tmp:
+        if opts.base_commit:
+            base = os.path.join(tmp, SCRIPT)
+            text = subprocess.run(["git", "-C", REPO, "show", f"{opts.base_commit}:{SCRIPT}"], capture_output=True,
+                                  text=True, check=True).stdout  # fmt: skip
+            with open(base, "w") as f:
+                f.write(text)
+            variants = [Variant(f"@{opts.base_commit}", base, net), Variant("working tree", here, net)]
+        else:
+            variants = [Variant("float32", here, net), Variant("bf16", here, {**net, "bf16": True})]
+    for v in variants:
+        v.run(10)
+    times = {v.label: [] for v in variants}
+    for _ in range(opts.blocks):
+        for v in variants:
+            times[v.label].append(v.run(opts.updates))
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, one thread; "
+          f"D_{opts.dihedral_n} default width, batch 256; CPU ms per update, "
+          f"{opts.blocks} blocks of {opts.updates}")  # fmt: skip
+    for label, ms in times.items():
+        print(f"{label:>14}: {' '.join(f'{t:.1f}' for t in ms)}  median {statistics.median(ms):.1f} min {min(ms):.1f}")
+    (a, ta), (b, tb) = times.items()
+    print(f"median {a} / median {b}: {statistics.median(ta) / statistics.median(tb):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
