@@ -197,7 +197,8 @@ def test_target_critics_saved_in_the_earlier_layout_load_as_the_same_function(eq
     qf = eq.build_agent(fields, args, torch.device("cpu"))[0]["qf"]
     with torch.no_grad():
         per_network = [[w[0][..., :-1], w[0][..., -1:], *w[1:]] for w in (qf.weights1(), qf.weights2())]
-        earlier = [torch.stack(w, dim) for w, dim in zip(zip(*per_network), (1, 1, 1, 1, 1, 0, 0), strict=True)]
+        layers = zip(*per_network, strict=True)
+        earlier = [torch.stack(w, dim) for w, dim in zip(layers, (1, 1, 1, 1, 1, 0, 0), strict=True)]
     torch.manual_seed(1)
     target = eq.build_agent(fields, args, torch.device("cpu"))[0]["qf_target"]
     x, a = torch.randn(32, eq.fields_dim(fields)), torch.rand(32, 4) * 2 - 1
