@@ -370,13 +370,14 @@ PAIR_TARGETS = {"main": 3.0, "main64": 1.5, "eq-mlp": 0.9, "mlp-sb3": 2.0, "bf16
 def sps_pairs(new_dir: str, base_dir: str, base_rev: str, bf16: bool) -> dict:
     """Name -> (reference run, candidate run); the ratio is candidate SPS / reference SPS."""
     main_job = ("--dihedral-n", "8", "--reg-rep-n", "32")
+    default_main_job = ("--dihedral-n", "8")  # its default width, 64 fields
     eq_width = ("--reg-rep-n", "32")
     mlp = os.path.join(new_dir, MLP)
     pairs = {
         "main": (Run(f"main job @{base_rev}", os.path.join(base_dir, EQ), SLIDE, main_job),
                  Run("main job new", os.path.join(new_dir, EQ), SLIDE, main_job)),
-        "main64": (Run(f"main job 64 @{base_rev}", os.path.join(base_dir, EQ), SLIDE, ("--dihedral-n", "8"), False),
-                   Run("main job 64 new", os.path.join(new_dir, EQ), SLIDE, ("--dihedral-n", "8"), False)),
+        "main64": (Run(f"main job 64 @{base_rev}", os.path.join(base_dir, EQ), SLIDE, default_main_job, regime=False),
+                   Run("main job 64 new", os.path.join(new_dir, EQ), SLIDE, default_main_job, regime=False)),
         "eq-mlp": (Run("mlp 256x256", mlp), Run("eq D4 32 fields", os.path.join(new_dir, EQ), extra=eq_width)),
         "mlp-sb3": (Run("sb3 SAC+HER", None), Run("mlp 256x256", mlp)),
     }  # fmt: skip

@@ -14,7 +14,6 @@ of medians. The actor updates every other call, twice, as in training.
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,10 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import load_script, make_args, random_batch  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = "sac_fetch_equivariant.py"
+from speed import EQ, SubprocessFailed, load_script, make_args, random_batch, snapshot_scripts  # noqa: E402
 
 
 class Variant:
@@ -60,15 +56,16 @@ def main() -> int:
     cli.add_argument("--updates", type=int, default=20, help="updates per block (even: whole actor cycles)")
     opts = cli.parse_args()
     torch.set_num_threads(1)
-    here, net = os.path.join(REPO, SCRIPT), {"dihedral_n": opts.dihedral_n}
+    net = {"dihedral_n": opts.dihedral_n}
     with tempfile.TemporaryDirectory() as tmp:
+        try:  # the working tree's scripts copied, and the base commit's (HEAD's when only --bf16 is given)
+            new_dir, base_dir, base_rev = snapshot_scripts(tmp, opts.base_commit or "HEAD")
+        except SubprocessFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        here = os.path.join(new_dir, EQ)
         if opts.base_commit:
-            base = os.path.join(tmp, SCRIPT)
-            text = subprocess.run(["git", "-C", REPO, "show", f"{opts.base_commit}:{SCRIPT}"], capture_output=True,
-                                  text=True, check=True).stdout  # fmt: skip
-            with open(base, "w") as f:
-                f.write(text)
-            variants = [Variant(f"@{opts.base_commit}", base, net), Variant("working tree", here, net)]
+            variants = [Variant(f"@{base_rev}", os.path.join(base_dir, EQ), net), Variant("working tree", here, net)]
         else:
             variants = [Variant("float32", here, net), Variant("bf16", here, {**net, "bf16": True})]
     for v in variants:
