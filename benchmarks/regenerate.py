@@ -49,7 +49,7 @@ STUDIES = {
         compare=("--env-id", "FetchPush-v4", "--threshold", "0.5"),
     ),
     "push_fresh": Study(
-        made_by='bash benchmarks/push.sh runs/push_fresh 100000 "11 12 13 14 15" mlp d4p d8p',
+        made_by='bash benchmarks/push.sh runs/push_fresh 100000 "11 12 13 14 15" mlp d4p d8p mlp:coordnorm',
         compare=("--env-id", "FetchPush-v4", "--threshold", "0.5", "--baseline", "push-mlp"),
     ),
     "slide_fresh": Study(
@@ -60,8 +60,9 @@ STUDIES = {
 HEADLINE = "fresh_seeds"  # docs/figures/fresh_seeds.{png,svg}: one panel per study below, the README's figure
 HEADLINE_STUDIES = ("push_fresh", "slide_fresh")
 LABELS = {"push-mlp": "MLP 256x256 (selected baseline)", "push-d8p": "D_8-equivariant, 64 fields",
-          "push-d4p": "D_4-equivariant, 90 fields"}  # fmt: skip
-COLORS = {"push-mlp": "C1", "push-d8p": "C0", "push-d4p": "C2"}  # one colour per agent in every panel
+          "push-d4p": "D_4-equivariant, 90 fields",
+          "push-mlp-coordnorm": "MLP 256x256, per-coordinate normaliser (ablation)"}  # fmt: skip
+COLORS = {"push-mlp": "C1", "push-d8p": "C0", "push-d4p": "C2", "push-mlp-coordnorm": "C3"}  # one colour per agent
 
 
 def has_records(name: str) -> bool:
