@@ -82,7 +82,8 @@ def speed_record(name: str) -> dict | None:
 def study_command(name: str) -> list[str]:
     """compare_runs.py's arguments for the study, its records folder first (a path relative to the repo root)."""
     speed = speed_record(name)
-    costs = [] if speed is None else [x for g, c in speed["step_cost"].items() for x in ("--step-cost", f"{g}={c}")]
+    # one --step-cost flag with every LABEL=C after it: tyro keeps only the last of a repeated list flag
+    costs = [] if speed is None else ["--step-cost", *(f"{g}={c}" for g, c in speed["step_cost"].items())]
     return [os.path.join(RESULTS, name), *STUDIES[name].compare, *costs, "--out", os.path.join("docs", "figures", name)]
 
 
@@ -126,7 +127,7 @@ def headline_figure(comps: dict | None = None):
     names = [n for n in HEADLINE_STUDIES if has_records(n)]
     if not names:
         return None
-    fig = Figure(figsize=(5.2 * len(names), 4.0), layout="constrained")
+    fig = Figure(figsize=(5.2 * len(names), 5.0), layout="constrained")
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
@@ -136,6 +137,9 @@ def headline_figure(comps: dict | None = None):
                 comp = compare_runs.compare(compare_runs.tyro.cli(compare_runs.Args, args=study_command(name)))
             ax = fig.add_subplot(1, len(names), i + 1)
             compare_runs.plot_groups(ax, comp, LABELS, COLORS)
+            legend = ax.get_legend()  # below the panel, where no curve runs
+            legend.set_loc("upper center")
+            legend.set_bbox_to_anchor((0.5, -0.16), transform=ax.transAxes)
             ax.set_title(f"{comp.env_id}, fresh seeds")
             ax.set_ylim(-0.02, 1.02)
     finally:

@@ -82,13 +82,14 @@ def test_the_readme_figure_has_one_panel_per_study_with_records_and_one_colour_p
 def test_a_speed_record_adds_the_step_costs_to_the_studys_table(tmp_path, monkeypatch):
     name = "push_fresh"
     monkeypatch.setattr(regenerate, "speed_record", lambda n: {
-        "step_cost": {"push-d8p": 2.4}, "made_by": "python benchmarks/study_speed.py push_fresh --write",
+        "step_cost": {"push-d4p": 1.9, "push-d8p": 2.4}, "made_by": "python benchmarks/study_speed.py push_fresh --write",
         "date": "2026-12-03 12:00 UTC", "steps": 3000,
         "machine": {"cpu": "a CPU", "torch_cpu_capability": "AVX512", "load_average_at_start": 0.1}})  # fmt: skip
-    assert regenerate.study_command(name)[-4:-2] == ["--step-cost", "push-d8p=2.4"]
+    assert regenerate.study_command(name)[-5:-2] == ["--step-cost", "push-d4p=1.9", "push-d8p=2.4"]
     block = regenerate.regenerate(name, write_figure=False)
     assert (
         "Costs per env step (`--step-cost`) measured by `python benchmarks/study_speed.py push_fresh --write` "
         "(2026-12-03 12:00 UTC; a CPU, torch CPU capability AVX512, 3000 env steps per run" in block
     )
     assert "| wall-clock ratio to push-mlp [95% CI] |" in block
+    assert "(`--step-cost`: push-d4p 1.9, push-d8p 2.4)" in block  # every group's cost, not only the last flag's
