@@ -82,8 +82,8 @@ def test_the_readme_figure_has_one_panel_per_study_with_records_and_one_colour_p
 def test_a_speed_record_adds_the_step_costs_to_the_studys_table(tmp_path, monkeypatch):
     name = "push_fresh"
     monkeypatch.setattr(regenerate, "speed_record", lambda n: {
-        "step_cost": {"push-d4p": 1.9, "push-d8p": 2.4}, "made_by": "python benchmarks/study_speed.py push_fresh --write",
-        "date": "2026-12-03 12:00 UTC", "steps": 3000,
+        "step_cost": {"push-d4p": 1.9, "push-d8p": 2.4},
+        "made_by": "python benchmarks/study_speed.py push_fresh --write", "date": "2026-12-03 12:00 UTC", "steps": 3000,
         "machine": {"cpu": "a CPU", "torch_cpu_capability": "AVX512", "load_average_at_start": 0.1}})  # fmt: skip
     assert regenerate.study_command(name)[-5:-2] == ["--step-cost", "push-d4p=1.9", "push-d8p=2.4"]
     block = regenerate.regenerate(name, write_figure=False)
