@@ -53,9 +53,10 @@ class Args:
     group's, with a 95% bootstrap CI; without `--threshold` the threshold is this group's final score on the
     `--crossing` rule's curve (`first`: its final mean)"""
     step_cost: list[str] = field(default_factory=list)
-    """`LABEL=C` per group: its wall-clock seconds per env step as a multiple of the `--baseline`'s, measured side by
-    side on one machine (benchmarks/study_speed.py); the table then gives the wall-clock ratio, the steps ratio times
-    C (C held fixed in the CI)"""
+    """`LABEL=C` per group, all after one flag (`--step-cost eq4=2.0 eq8=2.4`: a repeated flag keeps only its last
+    values): the group's wall-clock seconds per env step as a multiple of the `--baseline`'s, measured side by side on
+    one machine (benchmarks/study_speed.py); the table then gives the wall-clock ratio, the steps ratio times C (C
+    held fixed in the CI)"""
     out: str | None = None
     """write `<out>.png`, `<out>.svg` and `<out>.md`; None: print the table only"""
     align: Literal["interpolate", "common"] = "interpolate"
